@@ -1,0 +1,77 @@
+"""The one transformer block every encoder here is built from.
+
+CLIP and Whisper are pre-LN (`norm_first=True`), BERT is post-LN. Attention runs through
+`scaled_dot_product_attention` with q, k and v fused into one projection; where a source
+checkpoint has no key bias (Whisper) the converter stores zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """Computes in fp32 and casts back, so bf16/fp16 compute stays stable."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x: (batch, seq, width); mask: broadcastable to (batch, heads, seq, seq), True = attend."""
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if causal and mask is not None:
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(b, t, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, hidden: int, activation: str, norm_first: bool, eps: float = 1e-5):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = Attention(width, heads)
+        self.ln1 = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, hidden, activation)
+        self.ln2 = LayerNorm(width, eps=eps)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x: (batch, seq, width) -> (batch, seq, width)."""
+        if self.norm_first:
+            x = x + self.attn(self.ln1(x), mask, causal)
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x, mask, causal))
+        return self.ln2(x + self.mlp(x))

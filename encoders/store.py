@@ -1,0 +1,138 @@
+"""The Parquet weight store: one row per tensor, the model's metadata in the file footer.
+
+Row: `name`, `dtype`, `shape`, `data` (raw little-endian bytes), `sha256` of `data`.
+Footer key `mmembed`: JSON with `kind`, `config`, `preprocess` and `tokenizer` (the
+tokenizer.json text, or null). A model's digest is the sha256 over that JSON and every
+tensor checksum, so it changes whenever any weight or setting does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .errors import ModelLoadError
+
+SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("data", pa.large_binary()),
+        ("sha256", pa.string()),
+    ]
+)
+META_KEY = b"mmembed"
+
+
+@dataclass
+class StoredModel:
+    kind: str
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    preprocess: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+    source: str | None = None  # the checkpoint it was converted from; not part of the digest
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "config": self.config, "preprocess": self.preprocess, "tokenizer": self.tokenizer}
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps(self.meta(), sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            h.update(name.encode())
+            h.update(_sha(_tensor_bytes(self.tensors[name])).encode())
+        return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def save(model: StoredModel, path: str | Path) -> Path:
+    """Write the store atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(model.tensors)
+    blobs = [_tensor_bytes(model.tensors[n]) for n in names]
+    table = pa.table(
+        {
+            "name": names,
+            "dtype": [str(model.tensors[n].dtype).removeprefix("torch.") for n in names],
+            "shape": [list(model.tensors[n].shape) for n in names],
+            "data": blobs,
+            "sha256": [_sha(b) for b in blobs],
+        },
+        schema=SCHEMA,
+    ).replace_schema_metadata({META_KEY: json.dumps(model.meta() | {"source": model.source})})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """The footer metadata alone (cheap: no tensor data is read)."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ModelLoadError(f"cannot read model store {path}: {e}") from None
+    if not schema.metadata or META_KEY not in schema.metadata:
+        raise ModelLoadError(f"{path} is not an mmembed model store (no '{META_KEY.decode()}' metadata)")
+    return json.loads(schema.metadata[META_KEY])
+
+
+def load(path: str | Path) -> StoredModel:
+    """Read and verify every tensor; a missing file, bad checksum or bad shape raises ModelLoadError."""
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ModelLoadError(f"cannot read model store {path}: {e}") from None
+    tensors = {}
+    for row in table.to_pylist():
+        name, data = row["name"], row["data"]
+        if _sha(data) != row["sha256"]:
+            raise ModelLoadError(f"{path}: tensor '{name}' fails its checksum (the store is corrupt)")
+        dtype = getattr(torch, row["dtype"])
+        shape = tuple(row["shape"])
+        expect = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if len(data) != expect:
+            raise ModelLoadError(f"{path}: tensor '{name}' has {len(data)} bytes, shape {shape} needs {expect}")
+        if dtype == torch.bfloat16:
+            t = torch.frombuffer(bytearray(data), dtype=torch.int16).view(torch.bfloat16)
+        else:
+            t = torch.frombuffer(bytearray(data), dtype=dtype)
+        tensors[name] = t.reshape(shape)
+    return StoredModel(meta["kind"], meta["config"], tensors, meta.get("preprocess") or {}, meta.get("tokenizer"), meta.get("source"))
+
+
+def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store") -> None:
+    """Strict load: a tensor the module expects but the store lacks (or vice versa) is named."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(stored.tensors))
+    extra = sorted(set(stored.tensors) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise ModelLoadError(f"{path}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, t in stored.tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+    module.load_state_dict(stored.tensors, strict=True)

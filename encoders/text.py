@@ -1,0 +1,46 @@
+"""Text input: validation and batched tokenisation with a checkpoint's tokenizer.json."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import TextValidationError
+
+
+def check_text(raw: bytes | str) -> str:
+    """A text row or .txt file's bytes -> the text; empty or undecodable -> TextValidationError."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TextValidationError(f"text is not valid UTF-8: {e}") from None
+    if not isinstance(raw, str):
+        raise TextValidationError(f"text must be a string, not {type(raw).__name__}")
+    text = raw.strip()
+    if not text:
+        raise TextValidationError("text is empty")
+    return text
+
+
+class TextTokenizer:
+    """Wraps a `tokenizers.Tokenizer`: truncate to `max_length`, pad to the longest in the batch."""
+
+    def __init__(self, tokenizer_json: str, max_length: int, pad_id: int = 0):
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self.pad_id = pad_id
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> input_ids (batch, seq) int64 and attention_mask (batch, seq) int64."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        seq = max(len(e.ids) for e in encodings)
+        ids = np.full((len(texts), seq), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), seq), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask
