@@ -16,7 +16,10 @@ class LayerNorm(nn.LayerNorm):
     """Computes in fp32 and casts back, so bf16/fp16 compute stays stable."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        # explicit fp32 weights: CPU layer_norm rejects fp32 input with bf16/fp16 parameters
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

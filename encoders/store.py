@@ -123,8 +123,11 @@ def load(path: str | Path) -> StoredModel:
     return StoredModel(meta["kind"], meta["config"], tensors, meta.get("preprocess") or {}, meta.get("tokenizer"), meta.get("source"))
 
 
-def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store") -> None:
-    """Strict load: a tensor the module expects but the store lacks (or vice versa) is named."""
+def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store", assign: bool = False) -> None:
+    """Strict load: a tensor the module expects but the store lacks (or vice versa) is named.
+
+    assign=True makes the stored tensors the module's parameters (no copy), for a module built on the meta device.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(stored.tensors))
     extra = sorted(set(stored.tensors) - set(expected))
@@ -135,4 +138,4 @@ def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = 
     for name, t in stored.tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ModelLoadError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
-    module.load_state_dict(stored.tensors, strict=True)
+    module.load_state_dict(stored.tensors, strict=True, assign=assign)

@@ -1,0 +1,88 @@
+"""`mmembed demo`: the bundled sample set through the real pipeline, then a few queries.
+
+Embeds jobs/sample_media/ with the bundled models into DIR/store, prints text->image,
+image->image, audio->audio and text->text results and one SQL example as tables, and draws
+the text->image results as a contact sheet (DIR/contact_sheet.png).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from storage.query import connect, run_readonly, search
+
+from . import config, output
+from .commands import embed_query
+from .run import run_job
+
+SAMPLES = Path(__file__).parent / "sample_media"
+TEXT_TO_IMAGE = ("a red circle", "a small blue square in the top left", "a green star", "a yellow triangle")
+SQL = """SELECT id, round(array_cosine_similarity(embedding, embed_text('shapes-clip', 'a purple hexagon')), 4) AS score
+FROM images WHERE model = 'shapes-clip' ORDER BY score DESC LIMIT 3"""
+THUMB = 96
+
+
+def _title(text: str) -> None:
+    print(f"\n== {text}")
+
+
+def _search(root: str, modality: str, model: str, query_modality: str, value: str, k: int = 5) -> list[dict]:
+    vector = embed_query(model, query_modality, value)
+    return search(root, vector, modality, model, k=k).to_pylist()
+
+
+def contact_sheet(results: dict[str, list[dict]], dest: Path) -> Path:
+    """One row per query: the query text, then the top-k thumbnails with their scores."""
+    k = max(len(r) for r in results.values())
+    label_h, pad = 18, 6
+    sheet = Image.new("RGB", (pad + k * (THUMB + pad), len(results) * (label_h + THUMB + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for query, hits in results.items():
+        draw.text((pad, y), f'"{query}"', fill="black")
+        for i, hit in enumerate(hits):
+            x = pad + i * (THUMB + pad)
+            with Image.open(hit["uri"]) as im:
+                thumb = im.convert("RGB")
+                thumb.thumbnail((THUMB, THUMB))
+            sheet.paste(thumb, (x, y + label_h))
+            draw.text((x, y + label_h + THUMB + 2), f"{hit['score']:.3f} {Path(hit['id']).stem[:14]}", fill="black")
+        y += label_h + THUMB + label_h + pad
+    sheet.save(dest)
+    return dest
+
+
+def run_demo(out: Path) -> dict:
+    store_dir = out / "store"
+    if store_dir.exists():
+        shutil.rmtree(store_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"embedding the sample set ({SAMPLES}) into {store_dir} ...", file=sys.stderr)
+    record = run_job(config.load(overrides={"input": str(SAMPLES), "root": str(store_dir)}))
+    root = str(store_dir)
+    _title("the job")
+    output.table([{"modality/model": k, **{c: v[c] for c in ("read", "embedded", "errored")}} for k, v in record["counts"].items()])
+
+    sheet = {}
+    for text in TEXT_TO_IMAGE:
+        _title(f'text -> image (shapes-clip): "{text}"')
+        sheet[text] = _search(root, "image", "shapes-clip", "text", text)
+        output.table(sheet[text], ["score", "id"])
+    probe = SAMPLES / "shapes" / "red_circle_0.png"
+    _title(f"image -> image (shapes-clip): {probe.relative_to(SAMPLES)}")
+    output.table(_search(root, "image", "shapes-clip", "image", str(probe)), ["score", "id"])
+    voice = SAMPLES / "speech" / "rocket_us.flac"
+    _title(f"audio -> audio (whisper-tiny.en, mean-pooled encoder states): {voice.relative_to(SAMPLES)}")
+    output.table(_search(root, "audio", "whisper-tiny.en", "audio", str(voice)), ["score", "id"])
+    _title('text -> text (minilm-l6): "a cat with orange fur"')
+    output.table(_search(root, "text", "minilm-l6", "text", "a cat with orange fur"), ["score", "id"])
+    _title("SQL: " + " ".join(SQL.split()))
+    output.table(run_readonly(connect(root, embedder=embed_query), SQL).to_pylist())
+    path = contact_sheet(sheet, out / "contact_sheet.png")
+    print(f"\ncontact sheet of the text -> image results: {path}", file=sys.stderr)
+    print(f"try: mmembed query {root} --text \"a blue star\" --modality image --model shapes-clip -k 5", file=sys.stderr)
+    return record

@@ -1,0 +1,173 @@
+"""Jobs: inputs -> store, under the root's lock, committed in shards, with a job record.
+
+`run_job` takes the ROOT lock and runs `embed_locked`; a caller that already holds the lock
+(the scheduler) calls `embed_locked` itself. A backfill is the same job over every input the
+store has recorded, with one model.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from encoders import store as weight_store
+from encoders.model import Options
+from encoders.registry import resolve
+from pipelines import embed as pipeline
+from pipelines.sources import Inventory, SourceError, open_input, remove_dir
+from storage.lock import RootLock
+from storage.store import Store
+
+from .config import ConfigError, JobConfig
+from .progress import Progress
+
+
+def new_job_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def root_path(root: str) -> str:
+    """Local roots made absolute (Ray workers do not share the driver's working directory)."""
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
+def encoder_options(cfg: JobConfig) -> Options:
+    return Options(device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype, audio_mode=cfg.whisper_mode)
+
+
+def model_digest(model: str) -> str:
+    """The model's digest from its store's footer alone (no weights read)."""
+    meta = weight_store.read_meta(resolve(model))
+    return weight_store.StoredModel(meta["kind"], meta["config"], {}, meta["preprocess"], meta["tokenizer"]).digest
+
+
+def check_models(cfg: JobConfig, counts: Counter) -> dict[str, str]:
+    """Every modality in the input has a model, and every model exists: -> {model: digest}."""
+    for modality, n in sorted(counts.items()):
+        if n and not cfg.models.get(modality):
+            raise ConfigError(f"the input has {n} {modality} item(s) but no {modality} model is configured (use --model {modality}=NAME)")
+    return {m: model_digest(m) for modality, models in cfg.models.items() if counts.get(modality) for m in models}
+
+
+def check_cluster(cfg: JobConfig, root: str) -> None:
+    """On several nodes, workers write ROOT themselves: a driver-local path would scatter the store."""
+    nodes = pipeline.nodes()
+    if len(nodes) > 1 and "://" not in root and not cfg.ray.allow_local_root:
+        raise ConfigError(
+            f"ROOT {root} is a local path but the Ray cluster has {len(nodes)} nodes, whose workers write the store "
+            "themselves: use shared storage (s3://...), or --allow-local-root if ROOT is on a filesystem every node mounts"
+        )
+
+
+def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
+    return {"job_id": new_job_id(), "kind": kind, "status": "running", "started_at": now_iso(), "ended_at": None,
+            "inputs": [], "root": root, "config": cfg.to_dict(), "counts": {}, "skipped_files": 0, "missing_inputs": [],
+            "stages_s": {}, "throughput": 0.0, "nodes": [], "error": None}
+
+
+def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", wait_lock: bool = False, log: TextIO = sys.stderr) -> dict:
+    """Take ROOT's lock and run the job; `inputs` defaults to the config's input."""
+    if not cfg.root:
+        raise ConfigError("a job needs a root")
+    lock = RootLock(root_path(cfg.root))
+    lock.acquire(wait=wait_lock)
+    try:
+        return embed_locked(cfg, inputs, kind, log)
+    finally:
+        lock.release()
+
+
+def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO = sys.stderr) -> dict:
+    """Run a job whose caller holds ROOT's lock; returns the job record (also in ROOT/_jobs/)."""
+    inputs = inputs if inputs is not None else [cfg.input] if cfg.input else []
+    if not inputs and kind == "embed":
+        raise ConfigError("a job needs an input")
+    root = root_path(cfg.root)
+    store = Store(root)
+    record = new_record(cfg, kind, root)
+    job_id = record["job_id"]
+    started = time.monotonic()
+    stage_s, nodes = Counter(), set()
+    try:
+        store.clean_uncommitted()
+        remove_dir(f"{root}/_staging")
+        inventories = []
+        for i, source in enumerate(inputs):
+            try:
+                inventories.append(open_input(source, f"{root}/_staging/{job_id}/{i}", cfg.passthrough))
+            except SourceError as e:
+                if kind == "embed":
+                    raise
+                record["missing_inputs"].append({"input": source, "reason": str(e)})
+        present = sum((inv.counts for inv in inventories), Counter())
+        if kind == "backfill":
+            present = Counter({m: n for m, n in present.items() if m in cfg.models})
+        digests = check_models(cfg, present)
+        record["inputs"] = [inv.source for inv in inventories]
+        record["skipped_files"] = sum(inv.skipped for inv in inventories)
+        record["stages_s"]["list"] = round(time.monotonic() - started, 3)
+        store.write_job(record)
+        pipeline.start(cfg.ray.address)
+        check_cluster(cfg, root)
+        for inventory in inventories:
+            _embed_inventory(cfg, inventory, digests, store, record, stage_s, nodes, log)
+        wall = time.monotonic() - started
+        processed = sum(c["embedded"] + c["errored"] for c in record["counts"].values())
+        record.update(status="succeeded", nodes=sorted(nodes), throughput=round(processed / wall, 2) if wall else 0.0)
+        record["stages_s"].update({k: round(v, 3) for k, v in stage_s.items()}, wall=round(wall, 3))
+        return record
+    except BaseException as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", nodes=sorted(nodes))
+        raise
+    finally:
+        record["ended_at"] = now_iso()
+        store.write_job(record)
+        remove_dir(f"{root}/_staging/{job_id}")
+
+
+def _embed_inventory(cfg: JobConfig, inventory: Inventory, digests: dict[str, str], store: Store, record: dict,
+                     stage_s: Counter, nodes: set, log: TextIO) -> None:
+    """Every (modality, model) pipeline over one input; commits every `commit_every` rows."""
+    options = encoder_options(cfg)
+    for modality, total in sorted(inventory.counts.items()):
+        if not cfg.models.get(modality):  # a backfill embeds only its model's modality
+            continue
+        sizes = pipeline.StageSizes(cfg.batch_size.preprocess, getattr(cfg.batch_size, modality), cfg.batch_size.write,
+                                    cfg.actors, cfg.threads_per_actor)
+        for model in cfg.models[modality]:
+            counts = record["counts"].setdefault(f"{modality}/{model}", {"modality": modality, "model": model, "read": 0,
+                                                                          "embedded": 0, "errored": 0, "already_done": 0})
+            counts["read"] += total
+            progress = Progress(f"{modality}/{model}", total, log)
+            pending, pending_rows, done_before = [], 0, counts["embedded"] + counts["errored"]
+            for entry in pipeline.stream(inventory, modality, model, digests[model], options, sizes, store.root,
+                                         record["job_id"], cfg.passthrough):
+                counts["embedded" if entry["kind"] == "embeddings" else "errored"] += entry["rows"]
+                pending.append(entry["path"])
+                pending_rows += entry["rows"]
+                stage_s.update({k: entry[k] for k in ("preprocess_s", "encode_s", "write_s")})
+                nodes.update(n for n in entry["nodes"].split(",") if n)
+                progress.update(entry["rows"])
+                if pending_rows >= cfg.commit_every:
+                    store.commit(record["job_id"], pending)
+                    pending, pending_rows = [], 0
+            if pending:
+                store.commit(record["job_id"], pending)
+            counts["already_done"] += total - (counts["embedded"] + counts["errored"] - done_before)
+            store.write_job(record)
+
+
+def summary(record: dict) -> dict:
+    totals = Counter()
+    for c in record["counts"].values():
+        totals.update({k: c.get(k, 0) for k in ("read", "embedded", "errored", "already_done")})
+    return {"job_id": record["job_id"], "status": record["status"], **totals, "skipped_files": record["skipped_files"]}

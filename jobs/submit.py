@@ -1,0 +1,48 @@
+"""`mmembed submit`: a job config to a Ray cluster's job server (the Ray Jobs API).
+
+The config travels in the runtime env's working_dir; the entrypoint runs `mmembed embed
+--config` there, on the cluster, where mmembed must be installed."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import ConfigError, load
+
+TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+
+
+def submit_job(config_path: str, cluster: str, wait: bool = False, poll: float = 1.0) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    cfg = load(config_path)
+    if not cfg.input or not cfg.root:
+        raise ConfigError(f"{config_path}: a submitted job needs `input` and `root` (paths the cluster can read and write)")
+    try:
+        client = JobSubmissionClient(cluster)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot reach the Ray job server at {cluster}: {str(e).splitlines()[0]}") from None
+    with tempfile.TemporaryDirectory(prefix="mmembed-submit-") as tmp:
+        shutil.copy(config_path, Path(tmp) / "job.yaml")
+        submission_id = client.submit_job(
+            entrypoint="mmembed embed --config job.yaml --json",
+            runtime_env={"working_dir": tmp},
+            metadata={"mmembed_config": Path(config_path).name},
+        )
+    print(submission_id, flush=True)
+    if not wait:
+        return 0
+    shown = 0
+    while True:
+        status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(submission_id)
+        sys.stderr.write(logs[shown:])
+        shown = len(logs)
+        if status in TERMINAL:
+            print(f"job {submission_id}: {status}", file=sys.stderr)
+            return TERMINAL[status]
+        time.sleep(poll)

@@ -1,0 +1,104 @@
+"""A real two-node Ray cluster on this machine: `ray start --head` plus a second raylet.
+
+The cluster's processes run in their own sessions and are killed by process group at the
+end, so the test session's own Ray instance is left alone (`ray stop` would stop it too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+RAY = Path(sys.executable).parent / "ray"
+pytestmark = pytest.mark.skipif(not RAY.exists(), reason="`ray start` is unavailable (no ray executable)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_count(address: str) -> int:
+    code = f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    starts = [
+        [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", "--block"],
+        [str(RAY), "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--disable-usage-stats", "--block"],
+    ]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(starts[0], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 90
+        while _node_count(f"127.0.0.1:{port}") < 1 and time.time() < deadline:
+            time.sleep(1)
+        procs.append(subprocess.Popen(starts[1], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while _node_count(f"127.0.0.1:{port}") < 2 and time.time() < deadline:
+            time.sleep(1)
+        if _node_count(f"127.0.0.1:{port}") < 2:
+            pytest.fail("the two-node cluster did not come up within 90 s")
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def make_media(folder: Path, n: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"t{i:03d}.txt").write_text(f"line {i} of the cluster test")
+    return folder
+
+
+def mmembed(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_job_runs_on_both_nodes(cluster, tmp_path):
+    media, root = make_media(tmp_path / "media"), tmp_path / "store"
+    args = ["embed", str(media), str(root), "--model", "text=minilm-l6", "--address", cluster["address"],
+            "--actors", "2", "--batch-size", "4", "--json"]
+    refused = mmembed(*args, env=cluster["env"])
+    assert refused.returncode != 0 and "--allow-local-root" in refused.stderr
+    run = mmembed(*args, "--allow-local-root", env=cluster["env"])
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["counts"]["text/minilm-l6"]["embedded"] == 64
+    assert len(record["nodes"]) == 2, record["nodes"]
+
+
+def test_submit_through_the_jobs_api(cluster, tmp_path):
+    media, root = make_media(tmp_path / "media", 8), tmp_path / "store"
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {media}\nroot: {root}\nmodels:\n  text: [minilm-l6]\nray:\n  allow_local_root: true\n")
+    run = mmembed("submit", str(config), "--cluster", cluster["dashboard"], "--wait", env=cluster["env"])
+    assert run.returncode == 0, run.stderr
+    submission_id = run.stdout.strip().splitlines()[0]
+    assert submission_id.startswith("raysubmit_")
+    jobs = mmembed("jobs", str(root), "--json", env=cluster["env"])
+    records = json.loads(jobs.stdout)
+    assert len(records) == 1 and records[0]["status"] == "succeeded"
+    assert records[0]["counts"]["text/minilm-l6"]["embedded"] == 8

@@ -1,0 +1,195 @@
+"""End to end: `mmembed embed` over a generated directory with good and broken media of every
+kind, then the store checked row by row against the encoders run directly."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from encoders.registry import load_encoder
+from jobs.cli import main
+from storage.query import connect, run_readonly
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+GOOD = {"image": 6, "audio": 3, "text": 4}
+BAD = {"image": 3, "audio": 2, "text": 2}
+
+
+def _photo(name: str, size: int) -> bytes:
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)())
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if image.mode == "RGB" else "PNG")
+    return buf.getvalue()
+
+
+def make_media(root: Path) -> Path:
+    (root / "photos").mkdir(parents=True)
+    (root / "sounds").mkdir()
+    (root / "notes" / "deep").mkdir(parents=True)
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        (root / "photos" / f"{name}.jpg").write_bytes(_photo(name, 160))
+    (root / "photos" / "camera.PNG").write_bytes(_photo("camera", 128))  # grayscale, upper-case extension
+    Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(root / "photos" / "red.webp")
+    for src in ("fox_8k.wav", "numbers_22k.ogg", "stella_44k_stereo.flac"):
+        shutil.copy(FIXTURES / "audio" / src, root / "sounds" / src)
+    texts = ["a red circle", "the quick brown fox jumps over the lazy dog", "numbers one two three", "ein Bild einer Katze"]
+    for i, t in enumerate(texts):
+        (root / "notes" / ("deep" if i % 2 else "") / f"t{i}.txt").write_text(t)
+    # broken inputs, one reason each
+    (root / "photos" / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    (root / "photos" / "truncated.png").write_bytes(_photo("camera", 64)[:100])
+    (root / "photos" / "empty.gif").write_bytes(b"")
+    (root / "sounds" / "empty.wav").write_bytes(b"")
+    (root / "sounds" / "noise.mp3").write_bytes(b"\x00\x01not audio" * 10)
+    (root / "notes" / "blank.txt").write_text("   \n")
+    (root / "notes" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (root / "README.md").write_text("skipped: not a media file")
+    (root / "photos" / "thumbs.db").write_bytes(b"skipped")
+    return root
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, ray_session):
+    media = make_media(tmp_path_factory.mktemp("media"))
+    root = tmp_path_factory.mktemp("store")
+    import contextlib
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["embed", str(media), str(root), "--json"]) == 0
+    return media, root, json.loads(out.getvalue())
+
+
+def test_counts_per_modality_and_model(job):
+    _, _, record = job
+    assert record["status"] == "succeeded"
+    assert record["skipped_files"] == 2
+    expected_models = {"image": ["shapes-clip"], "audio": ["whisper-tiny.en"], "text": ["minilm-l6", "shapes-clip"]}
+    keys = {f"{m}/{name}" for m, names in expected_models.items() for name in names}
+    assert set(record["counts"]) == keys
+    for key, c in record["counts"].items():
+        modality = c["modality"]
+        assert (c["read"], c["embedded"], c["errored"]) == (GOOD[modality] + BAD[modality], GOOD[modality], BAD[modality]), key
+    assert record["nodes"], "the job record names the Ray nodes that did the work"
+
+
+def test_every_broken_file_has_an_error_row(job):
+    _, root, _ = job
+    con = connect(str(root))
+    rows = run_readonly(con, "SELECT id, model, stage, error_type, message FROM errors ORDER BY id, model").to_pylist()
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r)
+        assert r["message"], r
+        assert r["stage"] in ("read", "preprocess", "encode")
+    assert set(by_id) == {"photos/garbage.jpg", "photos/truncated.png", "photos/empty.gif", "sounds/empty.wav",
+                          "sounds/noise.mp3", "notes/blank.txt", "notes/latin1.txt"}
+    assert [r["model"] for r in by_id["notes/blank.txt"]] == ["minilm-l6", "shapes-clip"]
+    assert by_id["photos/garbage.jpg"][0]["error_type"] == "ImageValidationError"
+    assert by_id["sounds/empty.wav"][0]["error_type"] == "AudioValidationError"
+    assert by_id["notes/blank.txt"][0]["error_type"] == "TextValidationError"
+
+
+@pytest.mark.parametrize("modality,model", [("image", "shapes-clip"), ("audio", "whisper-tiny.en"), ("text", "minilm-l6"), ("text", "shapes-clip")])
+def test_embeddings_equal_the_encoder_run_directly(job, modality, model):
+    media, root, _ = job
+    con = connect(str(root))
+    view = {"image": "images", "audio": "audio", "text": "texts"}[modality]
+    rows = run_readonly(con, f"SELECT id, uri, content_hash, embedding FROM {view} WHERE model = ? ORDER BY id", [model]).to_pylist()
+    assert len(rows) == GOOD[modality]
+    encoder = load_encoder(model)
+    raws = [(media / r["id"]).read_bytes() for r in rows]
+    direct = encoder.encode(modality, raws)
+    stored = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    cos = (direct * stored).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(stored, axis=1)
+    assert cos.min() >= 0.9999, (rows, cos)
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1, atol=1e-5)
+    for r, raw in zip(rows, raws):
+        import hashlib
+
+        assert r["content_hash"] == hashlib.sha256(raw).hexdigest()
+        assert r["uri"] == str(media / r["id"])
+
+
+def test_self_retrieval_and_sql_topk_match_brute_force(job, capsys):
+    media, root, _ = job
+    capsys.readouterr()
+    assert main(["query", str(root), "--image", str(media / "photos/coffee.jpg"), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["id"] == "photos/coffee.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["modality"] for h in hits] == ["image"] * 3
+
+    sql = ("SELECT id, array_cosine_similarity(embedding, embed_text('shapes-clip', 'a red circle')) AS score "
+           "FROM images WHERE model = 'shapes-clip' ORDER BY score DESC LIMIT 4")
+    assert main(["sql", str(root), sql, "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    con = connect(str(root))
+    rows = run_readonly(con, "SELECT id, embedding FROM images WHERE model = 'shapes-clip'").to_pylist()
+    q = load_encoder("shapes-clip").encode("text", ["a red circle"])[0]
+    scores = {r["id"]: float(np.dot(r["embedding"], q) / np.linalg.norm(r["embedding"]) / np.linalg.norm(q)) for r in rows}
+    brute = sorted(scores, key=scores.get, reverse=True)[:4]
+    assert [t["id"] for t in top] == brute
+    assert [t["score"] for t in top] == pytest.approx([scores[i] for i in brute], abs=1e-5)
+
+
+def test_rerun_jobs_listing(job, capsys):
+    _, root, record = job
+    capsys.readouterr()
+    assert main(["jobs", str(root), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["job_id"] for r in records] == [record["job_id"]]
+
+
+def test_parquet_input_with_passthrough_and_model_flags(tmp_path, ray_session, capsys):
+    rows = [
+        {"id": "a.txt", "text": "a red circle", "data": None, "lang": "en", "rank": 1},
+        {"id": "b", "modality": "text", "text": "a blue square", "data": None, "lang": "en", "rank": 2},
+        {"id": "c.txt", "text": "", "data": None, "lang": "de", "rank": 3},
+    ]
+    for r in rows:
+        r.setdefault("modality", None)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("modality", pa.string()), ("text", pa.string()),
+                                                         ("data", pa.binary()), ("lang", pa.string()), ("rank", pa.int64())]))
+    pq.write_table(table, tmp_path / "raw.parquet")
+    root = tmp_path / "store"
+    assert main(["embed", str(tmp_path / "raw.parquet"), str(root), "--model", "text=minilm-l6", "--passthrough", "lang",
+                 "--passthrough", "rank", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert list(record["counts"]) == ["text/minilm-l6"]
+    assert (record["counts"]["text/minilm-l6"]["embedded"], record["counts"]["text/minilm-l6"]["errored"]) == (2, 1)
+    got = run_readonly(connect(str(root)), "SELECT id, lang, rank FROM texts ORDER BY id").to_pylist()
+    assert got == [{"id": "a.txt", "lang": "en", "rank": 1}, {"id": "b", "lang": "en", "rank": 2}]
+    assert main(["query", str(root), "--text", "a red circle", "--where", "lang = 'en' AND rank > 1", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["embed", "/no/such/dir", "ROOT"], "does not exist"),
+        (["embed", "MEDIA", "ROOT", "--model", "video=x"], "--model 'video=x'"),
+        (["embed", "MEDIA", "ROOT", "--model", "image=no-such-model"], "unknown model 'no-such-model'"),
+        (["query", "ROOT", "--text", "x", "--modality", "audio"], "no audio embeddings"),
+        (["sql", "ROOT", "DROP TABLE x"], "read-only"),
+    ],
+)
+def test_bad_commands_fail_with_one_line(tmp_path, ray_session, capsys, argv, message):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "x.png").write_bytes(_photo("camera", 32))
+    argv = [str(media) if a == "MEDIA" else str(tmp_path / "store") if a == "ROOT" else a for a in argv]
+    (tmp_path / "store").mkdir()
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
