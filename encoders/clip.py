@@ -168,7 +168,7 @@ class ClipEncoder(Encoder):
         with torch.device("meta"):  # no random init and no copy: the module takes the stored tensors themselves
             model = CLIP(self.dims)
         load_state(model, stored, name, assign=True)
-        self.model = _cast(model.to(self.device), options.torch_dtype).eval().requires_grad_(False)
+        self.model = _cast(model, options.torch_dtype).to(self.device).eval().requires_grad_(False)
         self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.context_length)
 
     @property
@@ -215,7 +215,9 @@ def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str
     model = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
     tokenizer = _clip_pipeline(model)
     tokenizer.add_special_tokens([BOS, EOS])
-    tokenizer.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False)
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False
+    )
     return tokenizer.to_str()
 
 
@@ -362,7 +364,8 @@ def preprocess_from_hf(config: dict, dims: CLIPDims) -> dict:
             f"preprocessor size {config['size']} / crop_size {config['crop_size']} is not supported: "
             f"need a shortest_edge >= a square crop of the model's {dims.image_size} pixels"
         )
-    return {"size": size, "crop_size": crop, "mean": [float(m) for m in config["image_mean"]], "std": [float(s) for s in config["image_std"]]}
+    mean, std = [float(m) for m in config["image_mean"]], [float(s) for s in config["image_std"]]
+    return {"size": size, "crop_size": crop, "mean": mean, "std": std}
 
 
 def _read_weights(src: Path) -> dict[str, Tensor]:
@@ -450,7 +453,8 @@ def export_hf(stored: StoredModel, dest: Path) -> Path:
         tokenizer_class="CLIPTokenizer", model_max_length=dims.context_length,
         bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS,
     )
-    for name, content in (("config.json", hf_config(dims)), ("preprocessor_config.json", preprocessor), ("tokenizer_config.json", tokenizer_config)):
+    configs = {"config.json": hf_config(dims), "preprocessor_config.json": preprocessor, "tokenizer_config.json": tokenizer_config}
+    for name, content in configs.items():
         (dest / name).write_text(json.dumps(content, indent=2) + "\n")
     (dest / "tokenizer.json").write_text(stored.tokenizer)
     return dest

@@ -122,11 +122,28 @@ class _Monitor:
         return ((images @ texts.t()).argmax(1) == self.truth).float().mean().item()
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid * grid, width) 2-D sine-cosine position codes, row-major like the patch sequence.
+
+    Like MAE's, but with wavelengths from 2 patches to 4 grid widths (not up to 10,000), so that
+    on an 8 x 8 grid neighbouring codes already differ clearly.
+    """
+    quarter = width // 4
+    freqs = math.pi * (2 * grid) ** (-torch.arange(quarter) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    angles = [c.reshape(-1, 1) * freqs for c in (xs, ys)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+
+
 def train(config: TrainConfig, dims: CLIPDims, tokenizer_json: str, log=print) -> CLIP:
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = TextTokenizer(tokenizer_json, dims.context_length)
     model = CLIP(dims)
+    with torch.no_grad():
+        # patches start out knowing where they are: a ViT this small, trained this briefly, otherwise
+        # learns colour and size (bags of patches) long before shape and position
+        model.vision.positional_embedding[1:] = sincos_2d(dims.image_size // dims.patch_size, dims.vision_width)
     opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))

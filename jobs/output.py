@@ -17,7 +17,8 @@ def _cell(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def table(rows: Sequence[dict], columns: Sequence[str] | None = None, out: TextIO = sys.stdout) -> None:
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     if not rows:
         print("(no rows)", file=out)
         return
@@ -34,5 +35,5 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=str, ensure_ascii=False)
 
 
-def emit_json(value: Any, out: TextIO = sys.stdout) -> None:
-    print(to_json(value), file=out, flush=True)
+def emit_json(value: Any) -> None:
+    print(to_json(value), flush=True)

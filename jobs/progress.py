@@ -8,8 +8,8 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr, every: float = 0.5):
-        self.label, self.total, self.stream, self.every = label, total, stream, every
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, every: float = 0.5):
+        self.label, self.total, self.stream, self.every = label, total, stream or sys.stderr, every
         self.done = 0
         self.start = self.last = time.monotonic()
 

@@ -8,7 +8,6 @@ store has recorded, with one model.
 from __future__ import annotations
 
 import secrets
-import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -74,7 +73,7 @@ def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
             "stages_s": {}, "throughput": 0.0, "nodes": [], "error": None}
 
 
-def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", wait_lock: bool = False, log: TextIO = sys.stderr) -> dict:
+def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", wait_lock: bool = False, log: TextIO | None = None) -> dict:
     """Take ROOT's lock and run the job; `inputs` defaults to the config's input."""
     if not cfg.root:
         raise ConfigError("a job needs a root")
@@ -86,7 +85,7 @@ def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed"
         lock.release()
 
 
-def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO = sys.stderr) -> dict:
+def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO | None = None) -> dict:
     """Run a job whose caller holds ROOT's lock; returns the job record (also in ROOT/_jobs/)."""
     inputs = inputs if inputs is not None else [cfg.input] if cfg.input else []
     if not inputs and kind == "embed":
@@ -149,8 +148,9 @@ def _embed_inventory(cfg: JobConfig, inventory: Inventory, digests: dict[str, st
             counts["read"] += total
             progress = Progress(f"{modality}/{model}", total, log)
             pending, pending_rows, done_before = [], 0, counts["embedded"] + counts["errored"]
+            done = store.done_index(modality, model)
             for entry in pipeline.stream(inventory, modality, model, digests[model], options, sizes, store.root,
-                                         record["job_id"], cfg.passthrough):
+                                         record["job_id"], done, cfg.passthrough):
                 counts["embedded" if entry["kind"] == "embeddings" else "errored"] += entry["rows"]
                 pending.append(entry["path"])
                 pending_rows += entry["rows"]

@@ -14,6 +14,19 @@ from pathlib import Path
 from .config import ConfigError, load
 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+AGENT_WAIT = 60.0  # seconds: a freshly started cluster's job agent comes up after its dashboard
+
+
+def _submit(client, working_dir: str, config_name: str) -> str:
+    deadline = time.monotonic() + AGENT_WAIT
+    while True:
+        try:
+            return client.submit_job(entrypoint="mmembed embed --config job.yaml --json",
+                                     runtime_env={"working_dir": working_dir}, metadata={"mmembed_config": config_name})
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise ConfigError(f"the Ray job server refused the job: {str(e).splitlines()[0]}") from None
+            time.sleep(2)
 
 
 def submit_job(config_path: str, cluster: str, wait: bool = False, poll: float = 1.0) -> int:
@@ -28,11 +41,7 @@ def submit_job(config_path: str, cluster: str, wait: bool = False, poll: float =
         raise ConfigError(f"cannot reach the Ray job server at {cluster}: {str(e).splitlines()[0]}") from None
     with tempfile.TemporaryDirectory(prefix="mmembed-submit-") as tmp:
         shutil.copy(config_path, Path(tmp) / "job.yaml")
-        submission_id = client.submit_job(
-            entrypoint="mmembed embed --config job.yaml --json",
-            runtime_env={"working_dir": tmp},
-            metadata={"mmembed_config": Path(config_path).name},
-        )
+        submission_id = _submit(client, tmp, Path(config_path).name)
     print(submission_id, flush=True)
     if not wait:
         return 0

@@ -8,13 +8,17 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from encoders.model import Options
 
 from .sources import Inventory, load_rows
-from .stages import EmbedBatch, preprocess, write_shard
+from .stages import EmbedBatch, preprocess, skip_done, write_shard
+
+
+ACTOR_START_S = 600  # seconds for the encoder actors to load their model
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ def start(address: str | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Start the whole encoder pool before feeding it, so work spreads over every actor (and node), and a
+    # cluster too small for the pool fails with Ray's clear timeout instead of waiting forever.
+    ctx.wait_for_min_actors_s = ACTOR_START_S
 
 
 def nodes() -> list[str]:
@@ -55,15 +62,20 @@ def stream(
     sizes: StageSizes,
     root: str,
     job_id: str,
+    done: np.ndarray,
     passthrough: tuple[str, ...] = (),
 ) -> Iterator[dict]:
-    """Run the pipeline; yields one dict per written file: kind, path, rows, nodes, stage seconds."""
+    """Run the pipeline over the rows whose key is not in `done`; yields one dict per written file:
+    kind, path, rows, nodes, stage seconds."""
     columns = list(inventory.columns or ("id", "uri", "modality")) + list(passthrough)
-    ds = ray.data.read_parquet(inventory.files, columns=columns, partitioning=None)
+    # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
+    ds = ray.data.read_parquet(inventory.files, partitioning=None).select_columns(columns)
+    ds = ds.repartition(target_num_rows_per_block=sizes.read)
     # Half a CPU per read/preprocess task: decoding runs in parallel beside the encoder actors, and
     # the differing resources keep Ray from fusing these tasks into the actor.
     cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": 0.5}
     ds = ds.map_batches(load_rows, fn_kwargs={"modality": modality, "source": inventory.source}, **cpu_task)
+    ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, **cpu_task)
     ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options}, **cpu_task)
     gpu = options.device == "cuda" or (options.device is None and has_gpus())
     ds = ds.map_batches(

@@ -19,7 +19,7 @@ import pyarrow as pa
 from encoders.model import Encoder, Options
 from encoders.registry import load_encoder
 from storage.schema import ERROR_SCHEMA, embedding_schema
-from storage.store import Store
+from storage.store import Store, row_key
 
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 
@@ -46,6 +46,16 @@ def _unpack(features: bytes, shape) -> np.ndarray | str:
     if len(shape) == 0:
         return features.decode("utf-8")
     return np.frombuffer(features, dtype=np.float32).reshape(tuple(shape))
+
+
+def skip_done(batch: dict[str, np.ndarray], done: np.ndarray) -> dict[str, np.ndarray]:
+    """Drop the rows whose key is in `done` (sorted S32 row keys: what the store already holds)."""
+    if len(done) == 0 or len(batch["id"]) == 0:
+        return batch
+    keys = np.array([row_key(s, i, h) for s, i, h in zip(batch["source"], batch["id"], batch["content_hash"])], dtype="S32")
+    at = np.minimum(np.searchsorted(done, keys), len(done) - 1)
+    new = done[at] != keys
+    return {k: v[new] for k, v in batch.items()}
 
 
 def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ half-visible, and `clean_uncommitted` removes what it left behind. ROOT is a loc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,6 +38,14 @@ COMMITS, JOBS = "_commits", "_jobs"
 TMP_SUFFIX = ".tmp"
 # Model and job names become path components and SQL literals, so they are kept this plain.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+KEY_SEP = "\x1f"  # joins source, id and content_hash into a row key; no path or hash holds it
+
+
+def row_key(source: str, id_: str, content_hash: str) -> bytes:
+    """The identity of an input row: sha256 of its source, id and content hash (32 bytes)."""
+    return hashlib.sha256(f"{source}{KEY_SEP}{id_}{KEY_SEP}{content_hash}".encode()).digest()
 
 
 class StoreError(ValueError):
@@ -247,6 +256,28 @@ class Store:
         finally:
             con.close()
         return pc.is_in(hashes, value_set=done["content_hash"]).to_numpy(zero_copy_only=False)
+
+    def done_index(self, modality: str, model: str) -> np.ndarray:
+        """Sorted row keys (`row_key`, dtype S32) of every `modality` row `model` has committed, embedded or
+        errored: what an incremental run skips. DuckDB reads only the key columns, 32 bytes a row come back."""
+        check_modality(modality)
+        check_name("model", model)
+        parts = self.partitions("embeddings").get((modality, model), []), self.partitions("errors").get((modality,), [])
+        selects, params = [], []
+        key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, content_hash)))"
+        for files, where in zip(parts, ("", " WHERE model = ?")):
+            if files:
+                selects.append(f"SELECT {key} AS k FROM read_parquet(?){where}")
+                params += [[self.uri(f) for f in files]] + ([model] if where else [])
+        if not selects:
+            return np.empty(0, dtype="S32")
+        con = duckdb.connect()
+        try:
+            keys = con.execute(" UNION ".join(selects), params).to_arrow_table()["k"].combine_chunks()
+        finally:
+            con.close()
+        fixed = keys.cast(pa.binary(32))
+        return np.sort(np.frombuffer(fixed.buffers()[1], dtype="S32", count=len(fixed), offset=fixed.offset * 32))
 
     # -- job records ------------------------------------------------------------------
 

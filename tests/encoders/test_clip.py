@@ -16,6 +16,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPToken
 from encoders import registry, store
 from encoders.clip import CLIP, ClipEncoder, CLIPDims, convert_hf, export_hf, tokenizer_from_bpe_files, train_tokenizer
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
+from encoders.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from encoders.model import Options
 
 PROMPTS = [
@@ -35,9 +36,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def hf_clip(
-    image_size=32, patch_size=16, act="gelu", eos=EOS, vision=(64, 2, 4, 128), text=(64, 2, 4, 128), embed=48, vocab=759
+    image_size=32, patch_size=16, act="gelu", eos=EOS, vision=(64, 2, 4, 128), text=(64, 2, 4, 128), embed=48, vocab=759, noise=True
 ) -> CLIPModel:
-    """A transformers CLIPModel with random weights: HF's init plus noise, so that no bias is zero and no LN is 1."""
+    """A transformers CLIPModel with random weights: HF's init plus (by default) noise, so that no bias is 0 and no LN is 1."""
     width, layers, heads, mlp = vision
     vision_config = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp)
     width, layers, heads, mlp = text
@@ -50,7 +51,7 @@ def hf_clip(
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.parameters() if noise else ():
             p.add_(0.02 * torch.randn_like(p))
     return model
 
@@ -144,7 +145,8 @@ def vit_b32(tmp_path_factory, clip_tokenizer_json, photos):
     with the fp32 encoder and its embeddings of B32_IMAGES and B32_PROMPTS."""
     path = tmp_path_factory.mktemp("vit-b32")
     model = hf_clip(
-        image_size=224, patch_size=32, act="quick_gelu", eos=2, vision=(768, 12, 12, 3072), text=(512, 12, 8, 2048), embed=512, vocab=49408
+        image_size=224, patch_size=32, act="quick_gelu", eos=2, vision=(768, 12, 12, 3072), text=(512, 12, 8, 2048), embed=512,
+        vocab=49408, noise=False,  # the tiny configs check biases and norms; this one checks scale
     )
     save_hf(model, path, clip_tokenizer_json, 224)
     stored = convert_hf(path)
@@ -297,7 +299,7 @@ def test_old_style_config_and_preprocessor(tmp_path, clip_tokenizer_json):
     (path / "preprocessor_config.json").write_text(json.dumps({"size": 36, "crop_size": 32, "do_center_crop": True}))
     stored = convert_hf(path)
     assert stored.config["text_width"] == 64 and stored.config["activation"] == "quick_gelu"
-    assert stored.preprocess == {"size": 36, "crop_size": 32, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    assert stored.preprocess == {"size": 36, "crop_size": 32, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}
 
 
 # --- tokenizer -------------------------------------------------------------------------------
@@ -338,9 +340,9 @@ def test_encoder_errors(tiny_clip):
     with pytest.raises(TextValidationError):
         encoder.preprocess("text", "   ")
     with pytest.raises(ModelLoadError, match="tokenizer"):
-        ClipEncoder("tiny", store.StoredModel("clip", tiny_clip.config, tiny_clip.tensors, tiny_clip.preprocess, None))
+        ClipEncoder("tiny", store.StoredModel(**vars(tiny_clip) | {"tokenizer": None}))
     with pytest.raises(ModelLoadError, match="CLIP config"):
-        ClipEncoder("tiny", store.StoredModel("clip", tiny_clip.config | {"text_heads": 5}, tiny_clip.tensors, tiny_clip.preprocess, tiny_clip.tokenizer))
+        ClipEncoder("tiny", store.StoredModel(**vars(tiny_clip) | {"config": tiny_clip.config | {"text_heads": 5}}))
 
 
 def test_float16_runs_close_to_float32(tiny_clip, photos):

@@ -154,7 +154,10 @@ def test_empty_bytes():
         image.decode(b"")
 
 
-@pytest.mark.parametrize("data", [b"hello, world", bytes(range(256)) * 4, b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"\xff\xd8\xff" + b"\x01" * 64])
+GARBAGE = [b"hello, world", bytes(range(256)) * 4, b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"\xff\xd8\xff" + b"\x01" * 64]
+
+
+@pytest.mark.parametrize("data", GARBAGE)
 def test_garbage_bytes(data):
     with pytest.raises(ImageValidationError):
         image.decode(data)

@@ -65,7 +65,7 @@ def test_rerun_writes_nothing_and_new_or_changed_files_are_embedded(tmp_path, ra
     (media / "t0003.txt").write_text("a changed sentence")
     (media / "copy.txt").write_text((media / "t0001.txt").read_text())  # same bytes, new id: a row of its own
     more = embed_json(media, root, capsys)["counts"]["text/minilm-l6"]
-    assert (more["embedded"], more["errored"], more["already_done"]) == (7, 0, 21)
+    assert (more["embedded"], more["errored"], more["already_done"]) == (7, 0, 20)  # t0003 changed: new again
 
     rows = committed_rows(root)
     assert len(rows) == len(set(rows))
@@ -129,8 +129,11 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_during_commit_leaves_nothing_half_visible(tmp_path, ray_session, capsys):
     media, root = tmp_path / "media", tmp_path / "store"
     write_texts(media, 0, 60)
+    small_files = tmp_path / "job.yaml"
+    small_files.write_text("batch_size:\n  write: 8\n")
     env = {**os.environ, "KILL_AT_COMMIT": "2"}
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, "embed", str(media), str(root), "--model", *TEXT, *FAST],
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, "embed", str(media), str(root), "--model", *TEXT, *FAST,
+                           "--config", str(small_files)],
                           env=env, capture_output=True, text=True, start_new_session=True)
     assert proc.returncode == -signal.SIGKILL
     first_commit = committed_rows(root)

@@ -1,0 +1,152 @@
+"""`mmembed bench` end to end at toy sizes (a tiny CLIP, a handful of items, small vector stores):
+every section runs, the JSON has the keys the issue names, the ratios are real numbers, the
+baselines compute what our encoders compute. No timing is asserted: the machine is shared."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from encoders import audio
+from jobs import bench
+
+TINY_CLIP = {
+    "projection_dim": 16,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16},
+}
+PLAN = bench.Plan(
+    n={"image": 4, "audio": 2, "text": 6}, clip=TINY_CLIP, clip_name="bench-clip-tiny", sweep=((1, 2, 1), (64, 2, 1)), sweep_images=4,
+    query_rows=(300, 1000), queries=3, naive_queries=2, rss_images=(2, 4), bare_reps=1, quick=True,
+)
+RATIOS = ("image_fp32_vs_hf", "image_fp32_vs_bare", "image_bf16_vs_hf_fp32", "audio_trimmed_vs_hf", "text_fp32_vs_st", "text_bf16_vs_st",
+          "query_1m_vs_naive", "peak_rss_ratio_20k_vs_2k")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("bench")
+    result = bench.measure(PLAN, out)
+    return out, result, bench.write_reports(result, out, out / "copy" / "result.json")
+
+
+def test_json_has_the_issue_keys_with_positive_finite_values(result):
+    _, doc, _ = result
+    assert set(RATIOS) <= set(doc["ratios"])
+    for key in RATIOS:
+        assert positive(doc["ratios"][key]), (key, doc["ratios"][key])
+    assert positive(doc["latency_ms"]["query_1m_p50"]) and positive(doc["latency_ms"]["job_10_items_s"])
+    assert doc["latency_ms"]["query_1m_rows"] == 1000, "the largest store stands in for 1M rows, and says so"
+    assert doc["peak_rss_ratio_20k_vs_2k"] == doc["ratios"]["peak_rss_ratio_20k_vs_2k"]
+    assert doc["peak_rss_images"] == [2, 4]
+    assert [t["met"] in (True, False) for t in doc["targets"]] == [True] * len(doc["targets"]), "every target evaluated"
+
+
+def test_every_modality_is_measured_three_ways(result):
+    _, doc, _ = result
+    for modality, n in PLAN.n.items():
+        m = doc["modalities"][modality]
+        assert m["items"] == n
+        for dtype in bench.DTYPES:
+            run = m["pipeline"][dtype]
+            assert run["items"] == n and positive(run["items_per_s"]) and positive(run["peak_rss_mb"])
+            assert {"list", "preprocess_s", "encode_s", "write_s", "wall"} <= set(run["stages_s"])
+            assert positive(m["bare"][dtype]["items_per_s"])
+        assert positive(m["baseline"]["items_per_s"])
+    assert [(p["actors"], p["batch"], p["threads"]) for p in doc["sweep"]] == list(PLAN.sweep)
+    for p in doc["sweep"]:
+        # as many actors as CPUs would starve the CPU tasks that feed them: such points are skipped, saying why
+        assert ("skipped" in p) == (p["actors"] >= os.cpu_count())
+        assert "skipped" in p or positive(p["items_per_s"])
+
+
+def test_baselines_compute_what_our_encoders_compute(result):
+    _, doc, _ = result
+    m = doc["modalities"]
+    assert m["image"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "CLIPModel from the same checkpoint as our store"
+    assert m["text"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "sentence-transformers on the same MiniLM"
+    assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, "transformers' encoder with tiny.en weights mapped back"
+    for modality in m:
+        assert m[modality]["cosine_min"]["bfloat16_vs_float32"] > 0.9
+
+
+def test_retrieval_memory_and_fixed_cost(result):
+    _, doc, _ = result
+    assert [r["rows"] for r in doc["retrieval"]] == [300, 1000]
+    for r in doc["retrieval"]:
+        for method in ("search_ms", "numpy_ms", "naive_duckdb_ms"):
+            assert 0 < r[method]["p50"] <= r[method]["p95"]
+    assert [j["images"] for j in doc["memory"]["jobs"]] == [2, 4]
+    assert all(j["peak_rss_mb"] > 100 for j in doc["memory"]["jobs"]), "a Ray job's process tree holds far more than 100 MB"
+    assert doc["fixed_cost"]["seconds"] >= doc["fixed_cost"]["job_wall_s"] > 0
+
+
+def test_reports(result):
+    out, doc, paths = result
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(doc)) == json.loads((out / "copy" / "result.json").read_text())
+    text = paths["markdown"].read_text()
+    for heading in ("Pipeline throughput", "Pipeline stages", "sweep", "Retrieval", "Memory and fixed cost", "Targets"):
+        assert heading in text
+    assert text.count("\n| ") >= 3 + 2 + 2 + 2 + 11
+    with Image.open(paths["plot"]) as png:
+        assert png.format == "PNG" and png.width == 900
+
+
+def test_synthetic_media():
+    images = list(bench.generate("image", 6, seed=1))
+    assert images == list(bench.generate("image", 6, seed=1)), "the same seed gives the same dataset"
+    assert len({data for _, data in images}) == 6
+    for id_, data in images:
+        with Image.open(io.BytesIO(data)) as img:
+            assert id_.endswith(".jpg") and img.format == "JPEG" and img.size in bench.IMAGE_SIZES
+            assert np.asarray(img).std() > 10, "varied content, not a flat colour"
+    for id_, data in bench.generate("audio", 3):
+        samples, rate = sf.read(io.BytesIO(data))
+        assert id_.endswith(".flac") and rate == audio.SAMPLE_RATE and len(samples) == 5 * audio.SAMPLE_RATE and samples.ndim == 1
+        assert 0.1 < np.abs(samples).max() <= 1
+    for _, text in bench.generate("text", 20):
+        assert 10 <= len(text.split()) <= 20
+
+
+def test_write_dataset_is_raw_media_parquet(tmp_path):
+    from pipelines.sources import inspect_parquet
+
+    dataset = bench.write_dataset(tmp_path / "mixed", {"image": 2, "audio": 1, "text": 3})
+    inventory = inspect_parquet(dataset, ())
+    assert dict(inventory.counts) == {"image": 2, "audio": 1, "text": 3}
+    items = bench.read_items(dataset)
+    assert sum(isinstance(i, str) for i in items) == 3 and sum(isinstance(i, bytes) for i in items) == 3
+    assert bench.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(bench.read_items(dataset)) == 6, "kept, not rebuilt"
+
+
+def test_peak_memory_counts_child_processes():
+    child = "import numpy, time; a = numpy.ones(40_000_000); time.sleep(1.5)"  # 320 MB
+    with bench.PeakMemory(interval=0.05) as before:
+        pass
+    with bench.PeakMemory(interval=0.05) as during:
+        subprocess.run([sys.executable, "-c", child], check=True)
+    assert during.peak - before.peak > 250 * 2**20
+
+
+def test_arguments():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"])
+    plan = bench.make_plan(args.n, args.quick, tuple(args.modality))
+    assert plan.n == {"image": 5, "audio": 5, "text": 50} and plan.modalities == ("image", "text")
+    assert not plan.whole_run, "retrieval, memory and the 10-item job run only when every modality does"
+    assert bench.make_plan(None, True).query_rows[-1] == 100_000 and bench.make_plan(None, False).query_rows[-1] == 1_000_000
