@@ -63,6 +63,13 @@ def connect(root: str, embedder: Embedder | None = None) -> duckdb.DuckDBPyConne
     return con
 
 
+def recorded_inputs(root: str, modality: str) -> list[str]:
+    """The inputs (directories or Parquet datasets) the store holds `modality` rows from, embedded or errored."""
+    view = {"image": "images", "audio": "audio", "text": "texts"}[modality]
+    sql = f"SELECT source FROM {view} UNION SELECT source FROM errors WHERE modality = ? ORDER BY source"
+    return [r[0] for r in connect(root).execute(sql, [modality]).fetchall()]
+
+
 _STORES: dict[str, Store] = {}  # one per root, so commit records and footers are read once per process
 
 

@@ -244,3 +244,19 @@ def test_run_forever_wakes_at_least_every_max_sleep(tmp_path):
     runs = run_until(Scheduler([Job("a", str(tmp_path))], Recorder(), clock=clock, max_sleep=60), clock, sleeps=7)
     assert clock.slept == [60, 60, 60, 60, 60, 30, 60]
     assert runs == [("a", at(12, 34, 30)), ("a", at(12, 40))]
+
+
+def test_schedule_cli_runs_a_due_job_once(tmp_path, ray_session, capsys):
+    from jobs.cli import main
+    from storage.store import Store as EmbeddingStore
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.txt").write_text("scheduled text")
+    cfg = tmp_path / "hourly.yaml"
+    cfg.write_text(f"input: {media}\nroot: {tmp_path / 'store'}\nschedule: '0 * * * *'\nmodels:\n  text: [minilm-l6]\n")
+    assert main(["schedule", str(cfg), "--once"]) == 0
+    assert main(["schedule", str(cfg), "--once"]) == 0  # already ran for this hour: nothing due
+    records = EmbeddingStore(str(tmp_path / "store")).jobs()
+    assert len(records) == 1 and records[0]["counts"]["text/minilm-l6"]["embedded"] == 1
+    assert "hourly: ok" in capsys.readouterr().err
