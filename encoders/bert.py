@@ -89,12 +89,13 @@ class BertEncoder(Encoder):
         super().__init__(name, stored, options)
         self.dims = BertDims(**stored.config)
         self.lowercase = bool(stored.preprocess.get("lowercase", False))
-        with torch.device("meta"):  # skip random init; every weight comes from the store
-            self.model = Bert(self.dims)
-        self.model.to_empty(device=options.torch_device)
-        load_state(self.model, stored, name)
-        self.model.to(options.torch_dtype).eval()
         self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.max_seq_length, self.dims.pad_id)
+
+    def build(self, stored: StoredModel) -> nn.Module:
+        with torch.device("meta"):  # skip random init; every weight comes from the store
+            model = Bert(self.dims)
+        load_state(model, stored, self.name, assign=True)
+        return model.to(self.options.torch_device, self.options.torch_dtype).eval()
 
     @property
     def dim(self) -> int:

@@ -165,11 +165,13 @@ class ClipEncoder(Encoder):
             raise ModelLoadError(f"{name}: the CLIP store has no tokenizer")
         self.image_config = dict(stored.preprocess)
         self.device = options.torch_device
+        self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.context_length)
+
+    def build(self, stored: StoredModel) -> nn.Module:
         with torch.device("meta"):  # no random init and no copy: the module takes the stored tensors themselves
             model = CLIP(self.dims)
-        load_state(model, stored, name, assign=True)
-        self.model = _cast(model, options.torch_dtype).to(self.device).eval().requires_grad_(False)
-        self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.context_length)
+        load_state(model, stored, self.name, assign=True)
+        return _cast(model, self.options.torch_dtype).to(self.device).eval().requires_grad_(False)
 
     @property
     def dim(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -56,8 +57,21 @@ class Encoder(ABC):
         self.name = name
         self.kind = stored.kind
         self.config = stored.config
-        self.digest = stored.digest
         self.options = options
+        self.stored = stored
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        """The network, built on first use: preprocessing alone never reads a weight."""
+        return self.build(self.stored)
+
+    @abstractmethod
+    def build(self, stored: StoredModel) -> torch.nn.Module:
+        """The network with the stored weights, on the options' device and dtype, in eval mode."""
+
+    @property
+    def digest(self) -> str:
+        return self.stored.digest
 
     @property
     @abstractmethod

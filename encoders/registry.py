@@ -72,10 +72,18 @@ def encoder_class(kind: str) -> type[Encoder]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_encoder(name: str, options: Options = Options()) -> Encoder:
+def load_encoder(name: str, options: Options = Options(), weights: bool = True) -> Encoder:
+    """The model by name; `weights=False` reads only its settings and tokenizer, for preprocessing."""
     path = resolve(name)
-    stored = store.load(path)
-    return encoder_class(stored.kind)(Path(name).stem if name.endswith(".parquet") else name, stored, options)
+    if weights:
+        stored = store.load(path)
+    else:
+        meta = store.read_meta(path)
+        stored = store.StoredModel(meta["kind"], meta["config"], {}, meta["preprocess"] or {}, meta["tokenizer"], meta.get("source"))
+    encoder = encoder_class(stored.kind)(Path(name).stem if name.endswith(".parquet") else name, stored, options)
+    if weights:
+        encoder.model  # build now, so a store missing or misshaping a tensor fails at load, naming it
+    return encoder
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,24 @@ class StoredModel:
 
     @property
     def digest(self) -> str:
-        h = hashlib.sha256(json.dumps(self.meta(), sort_keys=True).encode())
-        for name in sorted(self.tensors):
-            h.update(name.encode())
-            h.update((self.checksums.get(name) or _sha(_tensor_bytes(self.tensors[name]))).encode())
-        return h.hexdigest()[:16]
+        sums = {name: self.checksums.get(name) or _sha(_tensor_bytes(t)) for name, t in self.tensors.items()}
+        return digest_of(self.meta(), sums)
+
+
+def digest_of(meta: dict, checksums: dict[str, str]) -> str:
+    """A model's digest: sha256 over its settings and every tensor's checksum."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(checksums):
+        h.update(name.encode())
+        h.update(checksums[name].encode())
+    return h.hexdigest()[:16]
+
+
+def read_digest(path: str | Path) -> str:
+    """The digest from the footer and the checksum column alone (no tensor data is read)."""
+    meta = read_meta(path)
+    sums = pq.read_table(path, columns=["name", "sha256"]).to_pydict()
+    return digest_of({k: meta.get(k) for k in ("kind", "config", "preprocess", "tokenizer")}, dict(zip(sums["name"], sums["sha256"])))
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

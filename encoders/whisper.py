@@ -77,9 +77,11 @@ class WhisperEncoder(Encoder):
         self.dims = WhisperDims(**stored.config)
         if stored.preprocess != audio.settings(self.dims.n_mels):
             raise ModelLoadError(f"model {name!r}: feature settings {stored.preprocess} differ from Whisper's {audio.settings(self.dims.n_mels)}")
-        self.model = AudioEncoder(self.dims)
-        load_state(self.model, stored, name)
-        self.model.to(options.torch_device, options.torch_dtype).eval()
+
+    def build(self, stored: StoredModel) -> nn.Module:
+        model = AudioEncoder(self.dims)
+        load_state(model, stored, self.name)
+        return model.to(self.options.torch_device, self.options.torch_dtype).eval()
 
     @property
     def dim(self) -> int:

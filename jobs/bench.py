@@ -924,16 +924,6 @@ def write_reports(result: dict, out: Path, json_path: Path | None) -> dict[str, 
 # -- command line ---------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--modality", action="append", choices=MODALITIES, metavar="M",
-                        help="measure only this modality (repeatable; default all three, plus retrieval, memory and the 10-item job)")
-    parser.add_argument("--n", type=int, metavar="N", help="images and audio clips per run, 10x as many texts (default 1000; --quick 32)")
-    parser.add_argument("--quick", action="store_true", help="small sizes (100k-row retrieval, 16/64-image memory jobs): a few minutes")
-    parser.add_argument("--json", type=Path, metavar="F", help="also write the JSON result to F")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR",
-                        help="datasets, stores and reports (bench.json, bench.md, bench.png); default ./bench-out")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise config.ConfigError("--n must be at least 1")
@@ -944,9 +934,3 @@ def run(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     log(f"wrote {', '.join(str(p) for p in paths.values())}" + (f" and {args.json}" if args.json else ""))
     return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from . import commands
 
 EPILOG = """examples:
   mmembed embed ./media ./store                 embed a directory into a store
@@ -58,7 +58,7 @@ def build_parser() -> Parser:
     p.add_argument("--passthrough", action="append", default=[], metavar="COLUMN", help="input column to copy into the tables (repeatable)")
     p.add_argument("--commit-every", type=int, metavar="N", help="rows per commit")
     p.add_argument("--wait-lock", action="store_true", help="wait for another job on ROOT to finish instead of exiting")
-    p.set_defaults(run=commands.embed)
+    p.set_defaults(run="embed")
 
     p = sub.add_parser("backfill", parents=[json_flag, runtime], help="embed every recorded input with a (new) model",
                        description="Embed with MODEL every input the store has recorded (re-reading the original directories "
@@ -70,7 +70,7 @@ def build_parser() -> Parser:
     p.add_argument("--config", metavar="F", help="YAML job config for batch sizes, actors, ... (its input/root/models are ignored)")
     p.add_argument("--address", metavar="ADDR", help="run on an existing Ray cluster")
     p.add_argument("--wait-lock", action="store_true", help="wait for another job on ROOT to finish instead of exiting")
-    p.set_defaults(run=commands.backfill)
+    p.set_defaults(run="backfill")
 
     p = sub.add_parser("schedule", help="run configured jobs on their cron schedules",
                        description="Run each job config (input, root and `schedule: \"<cron>\"`, in UTC) when it is due, one at a "
@@ -79,7 +79,7 @@ def build_parser() -> Parser:
                        **_example("mmembed schedule configs/hourly.yaml --once      # from cron or a systemd timer"))
     p.add_argument("configs", nargs="+", metavar="CONFIG")
     p.add_argument("--once", action="store_true", help="run whatever is due now, then exit")
-    p.set_defaults(run=commands.schedule)
+    p.set_defaults(run="schedule")
 
     p = sub.add_parser("submit", help="submit a job config to a Ray cluster through the Ray Jobs API",
                        description="Submit `mmembed embed --config CONFIG` to the cluster's job server with a runtime env "
@@ -88,7 +88,7 @@ def build_parser() -> Parser:
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--cluster", required=True, metavar="URL", help="the Ray dashboard address, http://HEAD:8265")
     p.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its status")
-    p.set_defaults(run=commands.submit)
+    p.set_defaults(run="submit")
 
     p = sub.add_parser("query", parents=[json_flag], help="nearest neighbours of a text, image or audio file",
                        description="Encode the query with the searched partition's model and return the top-k items by cosine similarity.",
@@ -102,7 +102,7 @@ def build_parser() -> Parser:
     p.add_argument("--model", metavar="NAME", help="which model's partition (default: the only one that can encode the query)")
     p.add_argument("-k", type=int, default=10, metavar="K", help="how many results (default 10)")
     p.add_argument("--where", metavar="PREDICATE", help="SQL predicate on the table's columns, e.g. \"id LIKE 'shapes/%%'\"")
-    p.set_defaults(run=commands.query)
+    p.set_defaults(run="query")
 
     p = sub.add_parser("sql", parents=[json_flag], help="read-only SQL over the store's views",
                        description="Run a read-only query over the views embeddings, images, audio, texts, errors and jobs. "
@@ -111,11 +111,11 @@ def build_parser() -> Parser:
                                   "'a red circle')) AS score FROM images WHERE model = 'shapes-clip' ORDER BY score DESC LIMIT 5\""))
     p.add_argument("root", metavar="ROOT")
     p.add_argument("statement", metavar="SQL")
-    p.set_defaults(run=commands.sql)
+    p.set_defaults(run="sql")
 
     p = sub.add_parser("jobs", parents=[json_flag], help="list the job records of a store", **_example("mmembed jobs ./store"))
     p.add_argument("root", metavar="ROOT")
-    p.set_defaults(run=commands.jobs)
+    p.set_defaults(run="jobs")
 
     p = sub.add_parser("encode", parents=[json_flag, runtime], help="encode files or texts with one model (no Ray, no store)",
                        description="Encode FILEs (modality from the extension) and --text strings directly with MODEL.",
@@ -124,41 +124,57 @@ def build_parser() -> Parser:
     p.add_argument("files", nargs="*", metavar="FILE")
     p.add_argument("--text", action="append", default=[], metavar="T", help="a text to encode (repeatable)")
     p.add_argument("--mode", choices=("trimmed", "padded"), default="trimmed", help="Whisper features (default trimmed)")
-    p.set_defaults(run=commands.encode)
+    p.set_defaults(run="encode")
+
+    p = sub.add_parser("bench", help="throughput benchmark: the pipeline vs the reference loop vs the bare forward",
+                       description="Generate a synthetic raw-media dataset and measure, in one run, the mmembed pipeline, the "
+                       "Hugging Face / sentence-transformers baseline and the bare encoder forward, plus retrieval latency; "
+                       "writes JSON, a markdown table and a PNG plot (needs pip install 'mmembed[dev]').",
+                       **_example("mmembed bench --quick --json bench.json"))
+    p.add_argument("--modality", action="append", choices=("image", "audio", "text"), metavar="M",
+                   help="measure only this modality (repeatable; default all three, plus retrieval, memory and the 10-item job)")
+    p.add_argument("--n", type=int, metavar="N", help="images and audio clips per run, 10x as many texts (default 1000; --quick 32)")
+    p.add_argument("--quick", action="store_true", help="small sizes (100k-row retrieval, 16/64-image memory jobs): a few minutes")
+    p.add_argument("--json", type=Path, metavar="F", help="also write the JSON result to F")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR",
+                   help="datasets, stores and reports (bench.json, bench.md, bench.png); default ./bench-out")
+    p.set_defaults(run="bench")
 
     p = sub.add_parser("demo", help="the embedded default, end to end, on the bundled sample set",
                        description="Embed the bundled sample media with the bundled models through the Ray pipeline, "
                        "print text->image, image->image, audio->audio, text->text and SQL results, and draw a contact sheet.",
                        **_example("mmembed demo --out demo-out"))
     p.add_argument("--out", default="demo-out", metavar="DIR", help="where the store and contact sheet go (default ./demo-out)")
-    p.set_defaults(run=commands.demo)
+    p.set_defaults(run="demo")
 
     models = sub.add_parser("models", help="list, convert and validate models",
                             description="Models: bundled ones and checkpoints converted into $MMEMBED_HOME (default ~/.cache/mmembed).",
                             **_example("mmembed models convert path/to/clip-vit-base-patch32 clip-b32"))
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=Parser, required=True)
     p = msub.add_parser("list", parents=[json_flag], help="bundled and converted models", **_example("mmembed models list"))
-    p.set_defaults(run=commands.models_list)
+    p.set_defaults(run="models_list")
     p = msub.add_parser("convert", parents=[json_flag], help="convert a checkpoint directory into a model store",
                         description="Convert a Hugging Face CLIP, Whisper or BERT checkpoint directory, or a CTranslate2 "
                         "Whisper model.bin directory (detected automatically), into the model home as NAME.",
                         **_example("mmembed models convert path/to/clip-vit-base-patch32 clip-b32"))
     p.add_argument("src", metavar="SRC")
     p.add_argument("name", metavar="NAME")
-    p.set_defaults(run=commands.models_convert)
+    p.set_defaults(run="models_convert")
     p = msub.add_parser("validate", parents=[json_flag], help="parity check against the reference implementation",
                         description="Compare our encoder with the reference (transformers, sentence-transformers or "
                         "ctranslate2; install them with pip install 'mmembed[dev]') and print the cosine figures.",
                         **_example("mmembed models validate minilm-l6"))
     p.add_argument("name", metavar="NAME")
-    p.set_defaults(run=commands.models_validate)
+    p.set_defaults(run="models_validate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import commands  # imported after parsing: torch, Ray and DuckDB load only for a command that runs
+
     try:
-        return args.run(args) or 0
+        return getattr(commands, args.run)(args) or 0
     except commands.USER_ERRORS as e:
         print(f"mmembed: error: {e}", file=sys.stderr)
         return 1

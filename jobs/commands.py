@@ -55,7 +55,7 @@ def encode(args: argparse.Namespace) -> int:
 
 
 def embed(args: argparse.Namespace) -> int:
-    from .run import run_job, summary
+    from .run import run_job
 
     overrides = {k: v for k, v in (("input", args.input), ("root", args.root)) if v}
     if args.address or args.allow_local_root:
@@ -234,3 +234,9 @@ def demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.out))
     return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)

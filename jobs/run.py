@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from encoders import store as weight_store
 from encoders.model import Options
+from encoders import store as weight_store
 from encoders.registry import resolve
 from pipelines import embed as pipeline
 from pipelines.sources import Inventory, SourceError, open_input, remove_dir
@@ -44,9 +44,7 @@ def encoder_options(cfg: JobConfig) -> Options:
 
 
 def model_digest(model: str) -> str:
-    """The model's digest from its store's footer alone (no weights read)."""
-    meta = weight_store.read_meta(resolve(model))
-    return weight_store.StoredModel(meta["kind"], meta["config"], {}, meta["preprocess"], meta["tokenizer"]).digest
+    return weight_store.read_digest(resolve(model))
 
 
 def check_models(cfg: JobConfig, counts: Counter) -> dict[str, str]:

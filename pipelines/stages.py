@@ -26,8 +26,8 @@ ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 
 @functools.lru_cache(maxsize=4)
 def cpu_encoder(model: str, options: Options) -> Encoder:
-    """The model as a preprocessing task needs it; loaded once per worker process."""
-    return load_encoder(model, dataclasses.replace(options, device="cpu"))
+    """The model as a preprocessing task needs it (settings and tokenizer, no weights); once per worker process."""
+    return load_encoder(model, dataclasses.replace(options, device="cpu"), weights=False)
 
 
 def node_id() -> str:

@@ -4,7 +4,6 @@ baselines compute what our encoders compute. No timing is asserted: the machine 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -143,9 +142,9 @@ def test_peak_memory_counts_child_processes():
 
 
 def test_arguments():
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"])
+    from jobs.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"])
     plan = bench.make_plan(args.n, args.quick, tuple(args.modality))
     assert plan.n == {"image": 5, "audio": 5, "text": 50} and plan.modalities == ("image", "text")
     assert not plan.whole_run, "retrieval, memory and the 10-item job run only when every modality does"

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from jobs.cli import main
 from storage.store import Store
