@@ -776,15 +776,22 @@ def measure(plan: Plan, out: Path) -> dict:
     os.environ.setdefault(WORKER_NICENESS, "0")
     result["machine"]["ray_worker_niceness"] = os.environ[WORKER_NICENESS]
     start_ray()
-    result["warmup_s"] = warm_up(plan, out)
+    partial = out / "bench.partial.json"  # each section as it completes: a run cut short still leaves its numbers
+
+    def keep(section: dict, key: str, value) -> None:
+        section[key] = value
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+
+    keep(result, "warmup_s", warm_up(plan, out))
     for modality in plan.modalities:
-        result["modalities"][modality] = measure_modality(modality, plan, out)
+        keep(result["modalities"], modality, measure_modality(modality, plan, out))
     if "image" in plan.modalities and plan.sweep:  # --quick skips it
-        result["sweep"] = measure_sweep(plan, out)
+        keep(result, "sweep", measure_sweep(plan, out))
     if plan.whole_run:
-        result["retrieval"] = [measure_retrieval(rows, plan, out) for rows in plan.query_rows]
-        result["memory"] = measure_memory(plan, out)
-        result["fixed_cost"] = measure_fixed_cost(plan, out)
+        keep(result, "retrieval", [measure_retrieval(rows, plan, out) for rows in plan.query_rows])
+        keep(result, "fixed_cost", measure_fixed_cost(plan, out))
+        keep(result, "memory", measure_memory(plan, out))
+    partial.unlink()
     result["total_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     summarize(result)

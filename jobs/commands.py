@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -70,7 +71,9 @@ def embed(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     if args.model:
         cfg = config.load(args.config, overrides | {"models": {**cfg.models, **config.parse_model_flags(args.model)}})
-    _report(run_job(cfg, wait_lock=args.wait_lock), args.json)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray forwards worker and raylet lines to stdout: keep it for --json
+        record = run_job(cfg, wait_lock=args.wait_lock)
+    _report(record, args.json)
     return 0
 
 
@@ -107,7 +110,9 @@ def backfill(args: argparse.Namespace) -> int:
         if getattr(args, key, None):
             overrides[key] = getattr(args, key)
     cfg = config.load(args.config, overrides | {"input": None})
-    _report(run_job(cfg, inputs=inputs, kind="backfill", wait_lock=args.wait_lock), args.json)
+    with contextlib.redirect_stdout(sys.stderr):
+        record = run_job(cfg, inputs=inputs, kind="backfill", wait_lock=args.wait_lock)
+    _report(record, args.json)
     return 0
 
 
