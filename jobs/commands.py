@@ -229,9 +229,8 @@ def models_validate(args: argparse.Namespace) -> int:
     from encoders.validate import validate
 
     report = validate(args.name)
-    data = report.to_dict() if hasattr(report, "to_dict") else vars(report)
-    output.emit_json(data) if args.json else print(report)
-    return 0 if data.get("passed", True) else 1
+    output.emit_json(report.to_dict()) if args.json else print(report)
+    return 0 if report.passed else 1
 
 
 def demo(args: argparse.Namespace) -> int:
