@@ -177,6 +177,11 @@ class ClipEncoder(Encoder):
     def dim(self) -> int:
         return self.dims.embed_dim
 
+    @property
+    def logit_scale(self) -> float:
+        """What CLIP multiplies cosine similarities by before its zero-shot softmax."""
+        return float(self.model.logit_scale.float().exp())
+
     def preprocess(self, modality: str, raw: bytes | str) -> Item:
         self.check_modality(modality)
         if modality == "image":

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from .clip import BOS, EOS
 
 IMAGE_SIZE = 64
-SUPERSAMPLE = 4  # drawn at 4x, then box-filtered down: anti-aliased edges
+SUPERSAMPLE = 2  # drawn at 2x, then box-filtered down: anti-aliased edges
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -31,10 +31,10 @@ COLOURS = {
     "black": (15, 15, 15),
     "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 CLASSES = tuple((c, s) for c in COLOURS for s in SHAPES)  # the 48 colour x shape classes
 
-SIZES = {"small": (7.0, 9.0), "large": (13.0, 16.0)}  # radius range in pixels of the 64 px image
+SIZES = {"small": (8.0, 10.0), "large": (13.0, 16.0)}  # radius range in pixels of the 64 px image
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 
 POSITIONS = {  # centre as a fraction of the image side (x, y)
@@ -151,12 +151,19 @@ def _ngon(k: int, inner: float | None = None) -> list[tuple[float, float]]:
     return [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a)) for i, a in enumerate(angles)]
 
 
+def _heart(n: int = 32) -> list[tuple[float, float]]:
+    """Unit heart, point down: the classic parametric curve, centred on its bounding box."""
+    ts = [2 * math.pi * i / n for i in range(n)]
+    return [(16 * math.sin(t) ** 3 / 15, (-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) - 2.7) / 15)
+            for t in ts]
+
+
 _ARM = 0.36  # half-width of the cross's arms, relative to its radius
 OUTLINES = {  # unit outlines, scaled so the shapes look about equally big for one radius
     "square": [(x * 0.85, y * 0.85) for x, y in ((-1, -1), (1, -1), (1, 1), (-1, 1))],
     "triangle": [(x * 1.25, y * 1.25 + 0.15) for x, y in _ngon(3)],
     "star": [(x * 1.25, y * 1.25) for x, y in _ngon(5, 0.45)],
-    "hexagon": [(x * 1.05, y * 1.05) for x, y in _ngon(6)],
+    "heart": [(x * 1.1, y * 1.1) for x, y in _heart()],
     "cross": [
         (-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM),
         (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM),

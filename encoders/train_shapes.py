@@ -17,9 +17,12 @@ import argparse
 import dataclasses
 import json
 import math
+import queue
 import random
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,7 +48,7 @@ def default_dims(tokenizer_json: str) -> CLIPDims:
     return CLIPDims(
         embed_dim=64,
         image_size=shapes.IMAGE_SIZE,
-        patch_size=8,
+        patch_size=16,
         vision_width=128,
         vision_layers=4,
         vision_heads=4,
@@ -53,7 +56,7 @@ def default_dims(tokenizer_json: str) -> CLIPDims:
         context_length=32,
         vocab_size=len(vocab),
         text_width=128,
-        text_layers=4,
+        text_layers=1,
         text_heads=4,
         text_mlp=512,
         eos_token_id=vocab[shapes.EOS],
@@ -63,10 +66,11 @@ def default_dims(tokenizer_json: str) -> CLIPDims:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 1350
+    batch_size: int = 256
     lr: float = 2e-3
     warmup: int = 100
+    curriculum: float = 0.3  # share of the steps over which easy scenes (large, centred) give way to all scenes
     weight_decay: float = 0.05
     threads: int = 2
     seed: int = TRAIN_SEED
@@ -75,10 +79,15 @@ class TrainConfig:
 ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 
 
-def batch(rng: random.Random, n: int, tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(
+    rng: random.Random, n: int, tokenizer: TextTokenizer, easy: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> pixel_values (n, 3, 64, 64), input_ids and attention_mask (n, seq), and
-    positives (n captions, n images) bool: the images that fit everything caption i says."""
-    scenes = [shapes.sample_scene(rng) for _ in range(n)]
+    positives (n captions, n images) bool: the images that fit everything caption i says.
+
+    easy: the share of scenes drawn large and in the centre.
+    """
+    scenes = [shapes.sample_scene(rng, size="large", position="center") if rng.random() < easy else shapes.sample_scene(rng) for _ in range(n)]
     templates = [rng.choice(shapes.TEMPLATES) for _ in range(n)]
     captions = [shapes.fill(t, s, rng) for t, s in zip(templates, scenes)]
     pixels = np.stack([image.preprocess(shapes.render(s), **PREPROCESS) for s in scenes])
@@ -123,11 +132,8 @@ class _Monitor:
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
-    """(grid * grid, width) 2-D sine-cosine position codes, row-major like the patch sequence.
-
-    Like MAE's, but with wavelengths from 2 patches to 4 grid widths (not up to 10,000), so that
-    on an 8 x 8 grid neighbouring codes already differ clearly.
-    """
+    """(grid * grid, width) 2-D sine-cosine position codes, row-major like the patch sequence, with
+    wavelengths from 2 patches to 4 grid widths, so that on a small grid neighbouring codes differ clearly."""
     quarter = width // 4
     freqs = math.pi * (2 * grid) ** (-torch.arange(quarter) / quarter)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
@@ -135,14 +141,28 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
 
+def batches(config: TrainConfig, tokenizer: TextTokenizer) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Every training batch in order, each rendered in a thread while the model trains on the one before
+    (the model's kernels release the GIL). Easy scenes (large, centred) give way to all scenes over the curriculum."""
+    rng = random.Random(config.seed)
+    ready: queue.Queue = queue.Queue(maxsize=2)
+
+    def render() -> None:
+        for step in range(config.steps):
+            ready.put(batch(rng, config.batch_size, tokenizer, max(0.0, 1 - step / max(1.0, config.curriculum * config.steps))))
+
+    threading.Thread(target=render, daemon=True).start()
+    for _ in range(config.steps):
+        yield ready.get()
+
+
 def train(config: TrainConfig, dims: CLIPDims, tokenizer_json: str, log=print) -> CLIP:
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     tokenizer = TextTokenizer(tokenizer_json, dims.context_length)
     model = CLIP(dims)
     with torch.no_grad():
         # patches start out knowing where they are: a ViT this small, trained this briefly, otherwise
-        # learns colour and size (bags of patches) long before shape and position
+        # learns colour, shape and size (bags of patches) but not position
         model.vision.positional_embedding[1:] = sincos_2d(dims.image_size // dims.patch_size, dims.vision_width)
     opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -150,8 +170,7 @@ def train(config: TrainConfig, dims: CLIPDims, tokenizer_json: str, log=print) -
     )
     monitor = _Monitor(tokenizer)
     start = time.time()
-    for step in range(config.steps):
-        pixels, ids, mask, positives = batch(rng, config.batch_size, tokenizer)
+    for step, (pixels, ids, mask, positives) in enumerate(batches(config, tokenizer)):
         logits_per_text = model(pixels, ids, mask).t()
         loss = contrastive_loss(logits_per_text, positives)
         opt.zero_grad(set_to_none=True)

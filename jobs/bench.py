@@ -49,6 +49,7 @@ from encoders import store as weight_store
 from encoders.model import Options
 from encoders.registry import load_encoder
 from pipelines.embed import start as start_ray
+from pipelines.errors import ResourceError
 from storage.store import Store
 
 from . import config
@@ -63,7 +64,7 @@ FILE_ROWS, ROW_GROUP = 1000, 100  # dataset layout: files of 1000 rows, row grou
 WARMUP_ITEMS = 8  # a job this small before the timed ones, so they measure a warm Ray, as a user's second job does
 TEXT_FACTOR = 10  # texts are ~100x cheaper than images: 10x as many keep the fixed costs from dominating
 RETRIEVAL_DIM, TOP_K = 512, 10
-RSS_DTYPE = "bfloat16"  # the memory jobs' compute: streaming does not depend on it, and the 20k job takes a third of fp32's time
+RSS_MODEL = "shapes-clip"  # the memory jobs' model: streaming does not depend on it, and a small one keeps the 20k job short
 WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting (default 15), read when Ray starts
 CHECK_BATCH = 20_000  # input hashes in one incremental check, half of them already embedded
 TOP_PROCESSES = 5  # the largest processes named at a memory peak
@@ -105,7 +106,7 @@ class Plan:
     clip: dict = field(default_factory=lambda: CLIP_B32)  # CLIPConfig kwargs of the image model
     clip_name: str = "bench-clip-b32"
     baseline_items: dict[str, int] = field(default_factory=lambda: {"image": 256, "audio": 128, "text": 2560})  # steady speed: a sample will do
-    sweep: tuple[tuple[int, int, int], ...] = ((1, 64, 0), (1, 64, 2), (1, 16, 0), (1, 128, 0), (2, 64, 1))  # actors, batch, threads
+    sweep: tuple[tuple[int, int, int], ...] = ((1, 64, 0), (1, 64, 1), (1, 16, 0), (1, 128, 0), (2, 64, 0))  # actors, batch, threads (0: auto)
     sweep_images: int = 500
     query_rows: tuple[int, ...] = (100_000, 1_000_000)
     queries: int = 20
@@ -122,7 +123,8 @@ def make_plan(n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITI
     if quick:
         n = n or 32
         return Plan(n=_counts(n), modalities=modalities, sweep=(), sweep_images=n, query_rows=(10_000, 100_000),
-                    queries=10, naive_queries=3, rss_images=(16, 64), bare_reps=2, whole_run=full, quick=True)
+                    queries=10, naive_queries=3, rss_images=(16, 64), bare_reps=1, whole_run=full, quick=True,
+                    baseline_items={"image": n, "audio": max(1, n // 2), "text": TEXT_FACTOR * n})
     return Plan(n=_counts(n or 1000), modalities=modalities, whole_run=full)
 
 
@@ -548,16 +550,17 @@ def warm_up(plan: Plan, work: Path) -> float:
 
 
 def measure_sweep(plan: Plan, work: Path) -> list[dict]:
-    """Image pipeline fp32 items/s over actors x encoder batch x torch threads per actor (0 = as Ray sets it)."""
+    """Image pipeline fp32 items/s over actors x encoder batch x torch threads per actor (0 = the default: the node's CPUs
+    shared by the actors)."""
     dataset = write_dataset(work / "data" / f"image-{plan.sweep_images}", {"image": plan.sweep_images})
     points = []
     for actors, batch, threads in plan.sweep:
-        if actors >= (os.cpu_count() or 1):
-            # each actor holds a whole CPU, so the CPU tasks feeding them would never be scheduled: the job would hang
-            points.append({"actors": actors, "batch": batch, "threads": threads, "skipped": f"{actors} actors hold all {os.cpu_count()} CPUs"})
-            continue
         log(f"sweep: {actors} actor(s), batch {batch}, threads {threads or 'auto'}")
-        result = pipeline(dataset, work / "stores" / "sweep", "image", plan.clip_name, "float32", actors, batch, threads)
+        try:
+            result = pipeline(dataset, work / "stores" / "sweep", "image", plan.clip_name, "float32", actors, batch, threads)
+        except ResourceError as e:
+            points.append({"actors": actors, "batch": batch, "threads": threads, "skipped": str(e)})
+            continue
         points.append({"actors": actors, "batch": batch, "threads": threads, "items_per_s": result["items_per_s"],
                        "encode_items_per_s": result["encode_items_per_s"], "peak_rss_mb": result["peak_rss_mb"]})
     return points
@@ -592,6 +595,19 @@ def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: s
     return model
 
 
+def brute_force(files: list[str], queries: np.ndarray) -> tuple[list[float], list[str]]:
+    """numpy top-k over the vectors read into memory: seconds per query, and the first query's ids."""
+    table = pq.read_table(files, columns=["id", "embedding"])
+    matrix = table["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, RETRIEVAL_DIM)
+
+    def top(q: np.ndarray) -> pa.Array:
+        scores = matrix @ (q / np.linalg.norm(q))
+        best = np.argpartition(-scores, TOP_K)[:TOP_K]
+        return table["id"].take(best[np.argsort(-scores[best])])
+
+    return [timed(lambda: top(q))[0] for q in queries], top(queries[0]).to_pylist()
+
+
 def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     """Top-10 latency over `rows` x 512 vectors: storage.query.search, numpy brute force, naive DuckDB; the incremental check."""
     import duckdb
@@ -609,19 +625,9 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     cold, first = timed(lambda: search(str(root), queries[0], "image", model, k=TOP_K))
     search_s = [timed(lambda: search(str(root), q, "image", model, k=TOP_K))[0] for q in queries]
 
-    table = pq.read_table(files, columns=["id", "embedding"])
-    matrix = table["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, RETRIEVAL_DIM)
-    ids = table["id"]
-
-    def brute(q):
-        scores = matrix @ (q / np.linalg.norm(q))
-        top = np.argpartition(-scores, TOP_K)[:TOP_K]
-        return ids.take(top[np.argsort(-scores[top])])
-
-    numpy_s = [timed(lambda: brute(q))[0] for q in queries]
-    if brute(queries[0]).to_pylist() != first["id"].to_pylist():
+    numpy_s, numpy_first = brute_force(files, queries)
+    if numpy_first != first["id"].to_pylist():
         raise BenchError("search and numpy brute force disagree on the top-10")
-    del matrix, table
     con = duckdb.connect()
     sql = (f"SELECT id, array_cosine_similarity(embedding::FLOAT[{RETRIEVAL_DIM}], ?::FLOAT[{RETRIEVAL_DIM}]) AS score "
            "FROM read_parquet(?) ORDER BY score DESC LIMIT 10")
@@ -661,11 +667,11 @@ def cli_job(dataset: Path, root: Path, models: dict[str, str], dtype: str = "flo
 
 
 def measure_memory(plan: Plan, work: Path) -> dict:
-    out = {"method": PeakMemory.METHOD, "model": plan.clip_name, "dtype": RSS_DTYPE, "jobs": []}
+    out = {"method": PeakMemory.METHOD, "model": RSS_MODEL, "dtype": "float32", "jobs": []}
     for n in plan.rss_images:
-        log(f"memory: a {n}-image {RSS_DTYPE} job in a subprocess")
+        log(f"memory: a {n}-image {RSS_MODEL} job in a subprocess")
         dataset = write_dataset(work / "data" / f"image-{n}", {"image": n})
-        out["jobs"].append({"images": n, **cli_job(dataset, work / "stores" / f"rss-{n}", {"image": plan.clip_name}, RSS_DTYPE)})
+        out["jobs"].append({"images": n, **cli_job(dataset, work / "stores" / f"rss-{n}", {"image": RSS_MODEL})})
     small, large = out["jobs"]
     out["ratio"] = _ratio(large["peak_rss_mb"], small["peak_rss_mb"])
     return out
@@ -844,7 +850,7 @@ def markdown(result: dict) -> str:
         lines += _table(["modality", "decode", "decode + preprocess", "cosine bf16 vs fp32", "cosine vs baseline"], rows)
         lines.append("")
     if result.get("sweep"):
-        lines += ["### Image pipeline sweep (fp32): actors x batch x threads per actor (0 = as Ray sets it)", ""]
+        lines += ["### Image pipeline sweep (fp32): actors x batch x threads per actor (0 = auto: the node's CPUs shared by the actors)", ""]
         lines += _table(["actors", "batch", "threads", "items/s", "encode items/s", "peak PSS MB", "note"],
                         [[p["actors"], p["batch"], p["threads"], p.get("items_per_s"), p.get("encode_items_per_s"), p.get("peak_rss_mb"),
                           p.get("skipped", "")] for p in result["sweep"]])
@@ -863,7 +869,7 @@ def markdown(result: dict) -> str:
         rows = [[f"{j['images']} images", j["seconds"], j["job_wall_s"], j["peak_rss_mb"]] for j in mem["jobs"]]
         rows.append([f"{fixed['items']} items (4 image, 3 audio, 3 text)", fixed["seconds"], fixed["job_wall_s"], fixed["peak_rss_mb"]])
         lines += _table(["job", "seconds end to end", "job wall (s)", "peak PSS MB"], rows)
-        lines += ["", f"Image jobs in {mem['dtype']}. Peak memory ratio large / small: {mem['ratio']}. Method: {mem['method']}.", ""]
+        lines += ["", f"Image jobs with {mem['model']} in {mem['dtype']}. Peak memory ratio large / small: {mem['ratio']}. Method: {mem['method']}.", ""]
     lines += ["### Targets", ""]
     lines += _table(["target", "value", "goal", "met"], [[t["target"], t["value"], t["goal"], t["met"]] for t in result["targets"]])
     return "\n".join(lines) + "\n"
@@ -875,7 +881,7 @@ def plot(result: dict, path: Path) -> Path:
     m = result["modalities"]
     sweep = [p for p in result.get("sweep") or [] if "items_per_s" in p]
     width, panel = 900, 320
-    canvas = Image.new("RGB", (width, panel * (1 + bool(sweep)) + 40), "white")
+    canvas = Image.new("RGB", (width, panel * (1 + bool(sweep)) + 60), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=14)
     draw.text((10, 8), "items/s relative to the reference baseline (= 1, dashed)", fill="black", font=font)
@@ -900,7 +906,7 @@ def plot(result: dict, path: Path) -> Path:
         draw.rectangle((width - 170, 30 + 18 * b, width - 158, 42 + 18 * b), fill=colour)
         draw.text((width - 152, 28 + 18 * b), name, fill="black", font=font)
     if sweep:
-        y0, y1 = panel + 40, 2 * panel + 10
+        y0, y1 = panel + 70, 2 * panel + 30
         draw.text((10, y0 - 20), "image pipeline fp32 items/s by actors x batch x threads", fill="black", font=font)
         top = max(p["items_per_s"] for p in sweep) * 1.15
         scale = (y1 - y0 - 20) / top

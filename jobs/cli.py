@@ -104,6 +104,19 @@ def build_parser() -> Parser:
     p.add_argument("--where", metavar="PREDICATE", help="SQL predicate on the table's columns, e.g. \"id LIKE 'shapes/%%'\"")
     p.set_defaults(run="query")
 
+    p = sub.add_parser("classify", parents=[json_flag], help="zero-shot classification of a store's items against text labels",
+                       description="Label every item of one modality with the best of the given texts, by the model's "
+                       "text tower and CLIP's zero-shot softmax; prints label and probability per item, or writes them "
+                       "to Parquet with --out. Label counts go to stderr.",
+                       **_example('mmembed classify ./store --labels "a red circle,a blue square,a green star" --out labels.parquet'))
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--labels", required=True, metavar="L1,L2,...", help="comma-separated label texts, e.g. \"a red circle,a blue square\"")
+    p.add_argument("--modality", choices=("image", "audio", "text"), default="image", help="what to classify (default image)")
+    p.add_argument("--model", metavar="NAME", help="which model's partition (default: the only one with a text tower)")
+    p.add_argument("--where", metavar="PREDICATE", help="SQL predicate on the table's columns: classify only those rows")
+    p.add_argument("--out", metavar="F", help="write id, uri, label, probability to this Parquet file")
+    p.set_defaults(run="classify")
+
     p = sub.add_parser("sql", parents=[json_flag], help="read-only SQL over the store's views",
                        description="Run a read-only query over the views embeddings, images, audio, texts, errors and jobs. "
                        "embed_text(model, text), embed_image(model, path) and embed_audio(model, path) encode a query.",

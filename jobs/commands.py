@@ -5,23 +5,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from encoders.errors import EncoderError
 from encoders.model import Options
 from encoders.registry import list_models, load_encoder, models_dir
-from pipelines.sources import SourceError, modality_of
+from pipelines.errors import ResourceError, SourceError
+from pipelines.sources import modality_of
 from storage.lock import LockError
 from storage.query import QueryError, connect, run_readonly, search
+from storage.query import classify as classify_rows
 from storage.store import Store, StoreError
 
 from . import config, output
 from .config import ConfigError
 
-USER_ERRORS = (EncoderError, ConfigError, SourceError, StoreError, QueryError, LockError, OSError)
+USER_ERRORS = (EncoderError, ConfigError, SourceError, ResourceError, StoreError, QueryError, LockError, OSError)
 
 
 def _options(args: argparse.Namespace, **extra) -> Options:
@@ -181,6 +185,31 @@ def query(args: argparse.Namespace) -> int:
         output.emit_json(rows)
     else:
         output.table(rows, ["score", "id", "modality", "model", "uri"])
+    return 0
+
+
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for a model that stores none (a sentence encoder)
+
+
+def classify(args: argparse.Namespace) -> int:
+    labels = list(dict.fromkeys(label.strip() for label in args.labels.split(",") if label.strip()))
+    if len(labels) < 2:
+        raise ConfigError(f"--labels needs at least two comma-separated labels, got {labels}")
+    if not Path(args.root).exists() and "://" not in args.root:
+        raise QueryError(f"no store at {args.root}")
+    model = _pick_model(args.root, args.modality, "text", args.model)
+    encoder = cached_encoder(model)
+    scale = getattr(encoder, "logit_scale", DEFAULT_LOGIT_SCALE)
+    result = classify_rows(args.root, encoder.encode("text", labels), labels, args.modality, model, scale, where=args.where)
+    if args.out:
+        pq.write_table(result, args.out)
+        print(f"wrote {result.num_rows} rows to {args.out}", file=sys.stderr)
+    counts = Counter(result["label"].to_pylist())
+    print(", ".join(f"{label}: {counts[label]}" for label in labels), file=sys.stderr)
+    if args.json:
+        output.emit_json(result.to_pylist())
+    elif not args.out:
+        output.table(result.to_pylist(), ["label", "probability", "id"])
     return 0
 
 

@@ -59,9 +59,9 @@ class JobConfig:
         for modality in self.models:
             if modality not in MODALITIES:
                 raise ConfigError(f"models.{modality}: unknown modality (use {', '.join(MODALITIES)})")
-        for key in ("actors", "commit_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1")
+        for key, least in (("actors", 1), ("commit_every", 1), ("threads_per_actor", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key}: must be at least {least}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

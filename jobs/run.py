@@ -18,7 +18,8 @@ from encoders.model import Options
 from encoders import store as weight_store
 from encoders.registry import resolve
 from pipelines import embed as pipeline
-from pipelines.sources import Inventory, SourceError, open_input, remove_dir
+from pipelines.errors import SourceError
+from pipelines.sources import Inventory, open_input, remove_dir
 from storage.lock import RootLock
 from storage.store import Store
 
@@ -133,22 +134,17 @@ def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "e
 
 def _embed_inventory(cfg: JobConfig, inventory: Inventory, digests: dict[str, str], store: Store, record: dict,
                      stage_s: Counter, nodes: set, log: TextIO) -> None:
-    """Every (modality, model) pipeline over one input; commits every `commit_every` rows."""
-    options = encoder_options(cfg)
+    """Every (modality, model) pipeline over one input, one after another; commits every `commit_every` rows."""
+    sizes = pipeline.StageSizes(cfg.batch_size.preprocess, cfg.batch_size.write, cfg.actors, cfg.threads_per_actor)
     for modality, total in sorted(inventory.counts.items()):
-        if not cfg.models.get(modality):  # a backfill embeds only its model's modality
-            continue
-        sizes = pipeline.StageSizes(cfg.batch_size.preprocess, getattr(cfg.batch_size, modality), cfg.batch_size.write,
-                                    cfg.actors, cfg.threads_per_actor)
-        for model in cfg.models[modality]:
+        for model in cfg.models.get(modality, ()):  # a backfill embeds only its model's modality
             counts = record["counts"].setdefault(f"{modality}/{model}", {"modality": modality, "model": model, "read": 0,
                                                                           "embedded": 0, "errored": 0, "already_done": 0})
             counts["read"] += total
             progress = Progress(f"{modality}/{model}", total, log)
             pending, pending_rows, done_before = [], 0, counts["embedded"] + counts["errored"]
-            done = store.done_index(modality, model)
-            for entry in pipeline.stream(inventory, modality, model, digests[model], options, sizes, store.root,
-                                         record["job_id"], done, cfg.passthrough):
+            target = pipeline.Target(modality, model, digests[model], getattr(cfg.batch_size, modality), store.done_index(modality, model))
+            for entry in pipeline.stream(inventory, target, encoder_options(cfg), sizes, store.root, record["job_id"], cfg.passthrough):
                 counts["embedded" if entry["kind"] == "embeddings" else "errored"] += entry["rows"]
                 pending.append(entry["path"])
                 pending_rows += entry["rows"]

@@ -56,7 +56,7 @@ CAPTIONS = (
     "a small blue square in the top left",
     "a picture of a green star",
     "a large yellow triangle in the center",
-    "an orange hexagon",
+    "an orange heart",
     "a white cross on a dark grey background",
     "a purple star at the bottom",
     "a black square",

@@ -1,4 +1,4 @@
-"""The Ray Data embedding pipeline for one (modality, model): read -> preprocess (CPU tasks)
+"""The Ray Data embedding pipeline of one (modality, model) target: read -> preprocess (CPU tasks)
 -> encode (actor pool) -> write (CPU tasks). Only the written files' descriptions (one small
 row per file) come back to the driver, which commits them."""
 
@@ -14,22 +14,35 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from encoders.model import Options
 
+from .errors import ResourceError
 from .sources import Inventory, load_rows
 from .stages import EmbedBatch, preprocess, skip_done, write_shard
 
 
-ACTOR_START_S = 600  # seconds for the encoder actors to load their model
+TASK_CPUS = 0.5  # what each read, preprocess or write task reserves: several run beside the encoder actors
+FREE_CPUS = 1.0  # per node, what the encoder actors leave to the tasks: Ray Data's file listing takes a whole CPU
+MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
 
 
 @dataclass(frozen=True)
 class StageSizes:
-    """Batch sizes and pool size for one pipeline run (from the job config)."""
+    """Batch sizes and pool size of a job's pipelines (from the job config)."""
 
     read: int
-    encode: int
     write: int
     actors: int
     threads_per_actor: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One (modality, model) pair a job embeds, and the row keys the store already holds for it."""
+
+    modality: str
+    model: str
+    digest: str
+    encode_batch: int
+    done: np.ndarray  # sorted S32 row keys (`storage.store.row_key`): rows to skip
 
 
 def start(address: str | None = None) -> None:
@@ -39,9 +52,6 @@ def start(address: str | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # Start the whole encoder pool before feeding it, so work spreads over every actor (and node), and a
-    # cluster too small for the pool fails with Ray's clear timeout instead of waiting forever.
-    ctx.wait_for_min_actors_s = ACTOR_START_S
 
 
 def nodes() -> list[str]:
@@ -53,43 +63,63 @@ def has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def stream(
-    inventory: Inventory,
-    modality: str,
-    model: str,
-    digest: str,
-    options: Options,
-    sizes: StageSizes,
-    root: str,
-    job_id: str,
-    done: np.ndarray,
-    passthrough: tuple[str, ...] = (),
-) -> Iterator[dict]:
-    """Run the pipeline over the rows whose key is not in `done`; yields one dict per written file:
-    kind, path, rows, nodes, stage seconds."""
+def actor_resources(actors: int, gpu: bool) -> dict[str, float]:
+    """What each of a pool's `actors` encoder actors reserves.
+
+    CPU: one at most, and together no more than all but one CPU of each node, so however Ray places
+    them some node keeps a whole CPU for the read/preprocess/write tasks (Ray Data's file listing
+    takes a whole one; a pool holding every CPU stalls the job). On one-CPU nodes the actors reserve
+    none and share the CPU with the tasks. GPU: one each, or an equal share when there are more actors."""
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpu and not gpus:
+        raise ResourceError("device cuda was asked for but the cluster has no GPU")
+    spare = sum(max(0.0, c - FREE_CPUS) for c in node_cpus)
+    if spare and spare / actors < MIN_ACTOR_CPUS:
+        raise ResourceError(f"{actors} encoder actors per model is too many for the cluster's {sum(node_cpus):g} CPUs: "
+                            f"use --actors {max(1, int(spare / MIN_ACTOR_CPUS))} or fewer")
+    return {"num_cpus": min(1.0, spare / actors), "num_gpus": min(1.0, gpus / actors) if gpu else 0}
+
+
+def actor_threads(sizes: StageSizes, gpu: bool) -> int:
+    """torch threads per encoder actor: as configured, else (on CPU) the largest node's CPUs shared by the pool.
+
+    Ray sets OMP_NUM_THREADS to an actor's reserved CPUs (1 or less), which would leave a CPU encoder
+    on one core while decoding, a few percent of the work, holds the rest idle."""
+    if sizes.threads_per_actor or gpu:
+        return sizes.threads_per_actor
+    node_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])
+    return max(1, int(node_cpus // sizes.actors))
+
+
+def stream(inventory: Inventory, target: Target, options: Options, sizes: StageSizes, root: str, job_id: str,
+           passthrough: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Run the target's pipeline over the input rows it has not done yet; yields one dict per written
+    file: kind, path, rows, nodes, stage seconds."""
+    modality, model = target.modality, target.model
+    gpu = options.device == "cuda" or (options.device is None and has_gpus())
     columns = list(inventory.columns or ("id", "uri", "modality")) + list(passthrough)
     # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
-    ds = ray.data.read_parquet(inventory.files, partitioning=None).select_columns(columns)
+    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=TASK_CPUS).select_columns(columns)
     ds = ds.repartition(target_num_rows_per_block=sizes.read)
-    # Half a CPU per read/preprocess task: decoding runs in parallel beside the encoder actors, and
-    # the differing resources keep Ray from fusing these tasks into the actor.
-    cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": 0.5}
+    cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"modality": modality, "source": inventory.source}, **cpu_task)
-    ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, **cpu_task)
+    ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
     ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options}, **cpu_task)
-    gpu = options.device == "cuda" or (options.device is None and has_gpus())
     ds = ds.map_batches(
         EmbedBatch,
-        fn_constructor_kwargs={"model": model, "modality": modality, "options": options, "threads": sizes.threads_per_actor},
+        fn_constructor_kwargs={"model": model, "modality": modality, "options": options, "threads": actor_threads(sizes, gpu)},
         compute=ActorPoolStrategy(size=sizes.actors),
-        batch_size=sizes.encode,
-        num_gpus=1 if gpu else 0,
+        batch_size=target.encode_batch,
+        **actor_resources(sizes.actors, gpu),
         batch_format="numpy",
     )
     ds = ds.map_batches(
         write_shard,
-        fn_kwargs={"root": root, "modality": modality, "model": model, "digest": digest, "job_id": job_id, "passthrough": passthrough},
+        fn_kwargs={"root": root, "modality": modality, "model": model, "digest": target.digest, "job_id": job_id,
+                   "passthrough": passthrough},
         batch_size=sizes.write,
         batch_format="numpy",
+        num_cpus=TASK_CPUS,
     )
     yield from ds.iter_rows()

@@ -21,6 +21,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .errors import SourceError
+
 EXTENSIONS = {
     "image": ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp"),
     "audio": ("wav", "flac", "ogg", "mp3"),
@@ -28,10 +30,6 @@ EXTENSIONS = {
 }
 MODALITY_OF = {ext: modality for modality, exts in EXTENSIONS.items() for ext in exts}
 LISTING_CHUNK = 50_000  # paths per listing file: bounds the driver's memory while listing
-
-
-class SourceError(ValueError):
-    """The input is missing, unreadable or lacks a required column."""
 
 
 def modality_of(name: str) -> str | None:

@@ -152,8 +152,6 @@ def test_padding_does_not_move_the_pooled_token(shapes_clip):
     torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="the committed shapes-clip is an under-trained placeholder (800 steps on a shared "
-                   "machine: zero-shot 16.5%, recall@5 65%); issue 5 stays open until a trained model passes this")
 def test_each_held_out_caption_picks_its_own_image(shapes_clip):
     """Batches of one image per colour x shape class (a caption names at least those), seed unseen in training."""
     rng = random.Random(TEST_SEED)
@@ -167,8 +165,6 @@ def test_each_held_out_caption_picks_its_own_image(shapes_clip):
     assert np.mean(hits) >= 0.95, f"{np.mean(hits):.3f} of captions pick their own image"
 
 
-@pytest.mark.xfail(strict=True, reason="the committed shapes-clip is an under-trained placeholder (800 steps on a shared "
-                   "machine: zero-shot 16.5%, recall@5 65%); issue 5 stays open until a trained model passes this")
 def test_sample_media_shapes_are_rendered_and_recognised(shapes_clip, tmp_path):
     committed = sorted((samples.SAMPLE_DIR / "shapes").glob("*.png"))
     samples.write_shapes(tmp_path)

@@ -146,6 +146,31 @@ def test_self_retrieval_and_sql_topk_match_brute_force(job, capsys):
     assert [t["score"] for t in top] == pytest.approx([scores[i] for i in brute], abs=1e-5)
 
 
+def test_classify_labels_every_image_by_the_clip_text_tower(job, capsys, tmp_path):
+    _, root, _ = job
+    labels = ["a red circle", "a photo of a cat", "an astronaut"]
+    capsys.readouterr()
+    assert main(["classify", str(root), "--labels", ",".join(labels), "--json", "--out", str(tmp_path / "labels.parquet")]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    rows = run_readonly(connect(str(root)), "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ? ORDER BY id",
+                        [CLIP]).to_pylist()
+    encoder = load_encoder(CLIP)
+    logits = encoder.logit_scale * np.array([r["embedding"] for r in rows]) @ encoder.encode("text", labels).T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    by_id = {g["id"]: g for g in got}
+    assert sorted(by_id) == [r["id"] for r in rows]
+    assert [by_id[r["id"]]["label"] for r in rows] == [labels[i] for i in p.argmax(1)]
+    assert [by_id[r["id"]]["probability"] for r in rows] == pytest.approx(p.max(1), abs=1e-5)
+    assert pq.read_table(tmp_path / "labels.parquet").to_pylist() == got
+    assert "a red circle: " in out.err
+
+    assert main(["classify", str(root), "--labels", "just one"]) == 1
+    assert main(["classify", str(root), "--labels", "a,b", "--modality", "audio"]) == 1
+    assert "can encode a text query" in capsys.readouterr().err
+
+
 def test_rerun_jobs_listing(job, capsys):
     _, root, record = job
     capsys.readouterr()

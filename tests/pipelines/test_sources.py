@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import sources
-from pipelines.sources import SourceError
+from pipelines.errors import SourceError
 
 
 def test_directory_listing_routes_by_extension_and_counts_skipped(tmp_path: Path, monkeypatch):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from storage.query import QueryError, search
+from storage.query import QueryError, classify, search
 from storage.store import Store
 
 
@@ -36,6 +36,27 @@ def test_search_equals_brute_force(store, rng):
         np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-5)
         assert got["uri"].to_pylist() == [f"file:///src/{i}" for i in want_ids]
         assert set(got["modality"].to_pylist()) == {"text"} and set(got["model"].to_pylist()) == {"m"}
+
+
+def test_the_float16_first_pass_finds_the_exact_top_k(tmp_path, tables, rng, monkeypatch):
+    """Large partitions are scanned in float16 first; near-ties at the k-th place must not change the result."""
+    monkeypatch.setattr("storage.query.HALF_ROWS", 1)
+    store = Store(str(tmp_path))
+    vectors = tables.unit(rng, 2000, 32)
+    query = vectors[0] + 0.3 * tables.unit(rng, 1, 32)[0]
+    # rows around the 10th best score whose scores differ by less than float16 can tell apart (but float32 can)
+    near = np.argsort(-(vectors @ query))[5:15]
+    vectors[near] = vectors[near[0]] + 3e-3 * tables.unit(rng, len(near), 32)
+    ids = [f"v{i:04d}" for i in range(len(vectors))]
+    store.commit("job1", [store.write_embeddings("image", "m", tables.embeddings(ids, vectors))])
+    for q in (query, vectors[near[0]], tables.unit(rng, 1, 32)[0]):
+        got = search(store.root, q, "image", "m", k=10)
+        want_ids, want_scores = brute_force(vectors, ids, q, 10)
+        assert got["id"].to_pylist() == want_ids
+        np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-6)
+    from storage.query import _PARTITIONS
+
+    assert _PARTITIONS[(store.root, "image", "m")].half is not None, "the float16 pass ran"
 
 
 def test_k_larger_than_the_partition(store, rng):
@@ -87,6 +108,34 @@ def test_search_names_the_problem(store):
         search(store.root, np.ones(16), "text", "m", k=0)
     with pytest.raises(QueryError, match="no store at"):
         search(store.root + "/missing", np.ones(16), "text", "m")
+
+
+def test_classify_is_clips_zero_shot_softmax(store, rng, monkeypatch):
+    store, ids, vectors, langs = store
+    labels = ["alpha", "beta", "gamma"]
+    label_vectors = rng.standard_normal((3, 16)).astype(np.float32) * [[1.0], [3.0], [0.5]]  # norms do not matter
+    monkeypatch.setattr("storage.query.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
+    got = classify(store.root, label_vectors, labels, "text", "m", scale=50.0)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    logits = 50.0 * unit(vectors) @ unit(label_vectors).T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert got.column_names == ["id", "uri", "label", "probability"]
+    assert sorted(got["id"].to_pylist()) == ids
+    row = {i: r for r, i in enumerate(ids)}
+    order = [row[i] for i in got["id"].to_pylist()]
+    assert got["label"].to_pylist() == [labels[i] for i in p[order].argmax(1)]
+    np.testing.assert_allclose(got["probability"].to_numpy(), p[order].max(1), rtol=1e-5)
+    assert len(set(got["label"].to_pylist())) > 1
+
+    de = classify(store.root, label_vectors, labels, "text", "m", scale=50.0, where="lang = ?", params=["de"])
+    keep = {i for i, lang in zip(ids, langs) if lang == "de"}
+    assert sorted(de["id"].to_pylist()) == sorted(keep)
+    assert de["label"].to_pylist() == [labels[i] for i in p[[row[i] for i in de["id"].to_pylist()]].argmax(1)]
+    with pytest.raises(QueryError, match="one vector per label"):
+        classify(store.root, label_vectors[:2], labels, "text", "m", scale=50.0)
+    with pytest.raises(QueryError, match="dim 8, but model 'm' has dim 16"):
+        classify(store.root, label_vectors[:, :8], labels, "text", "m", scale=50.0)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (200, 10), (7, 10)])

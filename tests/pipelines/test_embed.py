@@ -1,0 +1,54 @@
+"""The pipeline's resources: an encoder pool never takes the CPUs that the tasks feeding it need."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from encoders.model import Options
+from encoders.registry import load_encoder
+from pipelines import embed, sources
+from pipelines.errors import ResourceError
+from storage.store import Store
+
+
+def test_actor_resources_leave_a_cpu_for_the_tasks(ray_session):
+    cpus = ray.cluster_resources()["CPU"]
+    most = int((cpus - embed.FREE_CPUS) / embed.MIN_ACTOR_CPUS)
+    for actors in (1, 2, 3, most):
+        share = embed.actor_resources(actors, gpu=False)
+        assert share["num_gpus"] == 0
+        assert embed.MIN_ACTOR_CPUS <= share["num_cpus"] <= 1 and actors * share["num_cpus"] <= cpus - embed.FREE_CPUS
+    with pytest.raises(ResourceError, match=f"too many .* use --actors {most} or fewer"):
+        embed.actor_resources(most + 1, gpu=False)
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(ResourceError, match="no GPU"):
+            embed.actor_resources(1, gpu=True)
+
+
+def test_threads_default_to_the_node_cpus_shared_by_a_pool(ray_session):
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert embed.actor_threads(embed.StageSizes(8, 8, actors=1), gpu=False) == cpus
+    assert embed.actor_threads(embed.StageSizes(8, 8, actors=cpus + 1), gpu=False) == 1
+    assert embed.actor_threads(embed.StageSizes(8, 8, actors=1, threads_per_actor=3), gpu=False) == 3
+
+
+def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session):
+    """Once, every actor held a whole CPU, and a pool as large as the machine starved its own input:
+    Ray Data's file listing waited forever for a free CPU."""
+    texts = [f"note number {i}" for i in range(12)]
+    media = tmp_path / "media"
+    media.mkdir()
+    for i, t in enumerate(texts):
+        (media / f"{i:02d}.txt").write_text(t)
+    inventory = sources.open_input(str(media), str(tmp_path / "staging"))
+    target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
+    sizes = embed.StageSizes(read=4, write=4, actors=int(ray.cluster_resources()["CPU"]) + 1)
+    store = Store(str(tmp_path / "store"))
+    entries = list(embed.stream(inventory, target, Options(device="cpu"), sizes, store.root, "job1"))
+    assert {e["kind"] for e in entries} == {"embeddings"} and sum(e["rows"] for e in entries) == len(texts)
+    store.commit("job1", [e["path"] for e in entries])
+    table = store.dataset(store.partitions("embeddings")[("text", "minilm-l6")]).to_table()
+    stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False))[np.argsort(table["id"].to_pylist())]
+    assert (stored * load_encoder("minilm-l6").encode("text", texts)).sum(1).min() >= 0.9999
