@@ -5,23 +5,25 @@ row per file) come back to the driver, which commits them."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from encoders.model import Options
 
 from .errors import ResourceError
-from .sources import Inventory, load_rows
+from .sources import Inventory, load_rows, of_modality
 from .stages import EmbedBatch, preprocess, skip_done, write_shard
 
 
-TASK_CPUS = 0.5  # what each read, preprocess or write task reserves: several run beside the encoder actors
+TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
 FREE_CPUS = 1.0  # per node, what the encoder actors leave to the tasks: Ray Data's file listing takes a whole CPU
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
+INFLIGHT_BYTES_PER_NODE = 1 << 30  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,12 @@ def start(address: str | None = None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes()))
     ctx.print_on_execution_start = False
+    # a bounded light step (see `dataset`) over fewer inputs than its bound is expected, not a mistake
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 
 
 def nodes() -> list[str]:
@@ -81,6 +88,21 @@ def actor_resources(actors: int, gpu: bool) -> dict[str, float]:
     return {"num_cpus": min(1.0, spare / actors), "num_gpus": min(1.0, gpus / actors) if gpu else 0}
 
 
+def light_tasks() -> int:
+    """How many read or write tasks of a pipeline may run at once: reserving no CPU, they need a bound."""
+    return 2 * len(nodes())
+
+
+def bounded(ds: ray.data.Dataset, tasks: int) -> ray.data.Dataset:
+    """`ds`, whose last step is a repartition, with that step's tasks reserving no CPU, `tasks` at most at once.
+
+    `Dataset.repartition` takes neither (Ray 2.60): each of its tasks would reserve a whole CPU."""
+    step = ds._logical_plan.dag
+    step.ray_remote_args["num_cpus"] = 0
+    object.__setattr__(step, "compute", TaskPoolStrategy(size=tasks))  # a frozen dataclass
+    return ds
+
+
 def actor_threads(sizes: StageSizes, gpu: bool) -> int:
     """torch threads per encoder actor: as configured, else (on CPU) the largest node's CPUs shared by the pool.
 
@@ -96,14 +118,25 @@ def stream(inventory: Inventory, target: Target, options: Options, sizes: StageS
            passthrough: tuple[str, ...] = ()) -> Iterator[dict]:
     """Run the target's pipeline over the input rows it has not done yet; yields one dict per written
     file: kind, path, rows, nodes, stage seconds."""
+    yield from dataset(inventory, target, options, sizes, root, job_id, passthrough).iter_rows()
+
+
+def dataset(inventory: Inventory, target: Target, options: Options, sizes: StageSizes, root: str, job_id: str,
+            passthrough: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """The target's pipeline, not yet run: one row per file it will write."""
     modality, model = target.modality, target.model
     gpu = options.device == "cuda" or (options.device is None and has_gpus())
     columns = list(inventory.columns or ("id", "uri", "modality")) + list(passthrough)
+    # Only the preprocessing tasks and the actors reserve CPU: a task that Ray Data pauses while its
+    # output waits (downstream is full) keeps what it reserved, and a read, repartition or write task
+    # holding the CPU the preprocessing needs stalled the job for good (seen: a 20k-image job on 2 CPUs).
+    light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=light_tasks())}
+    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=light_tasks()).select_columns(columns)
+    ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="numpy", **light)
     # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
-    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=TASK_CPUS).select_columns(columns)
-    ds = ds.repartition(target_num_rows_per_block=sizes.read)
+    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read), light_tasks())
     cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}
-    ds = ds.map_batches(load_rows, fn_kwargs={"modality": modality, "source": inventory.source}, **cpu_task)
+    ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
     ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options}, **cpu_task)
     ds = ds.map_batches(
@@ -114,12 +147,11 @@ def stream(inventory: Inventory, target: Target, options: Options, sizes: StageS
         **actor_resources(sizes.actors, gpu),
         batch_format="numpy",
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         write_shard,
         fn_kwargs={"root": root, "modality": modality, "model": model, "digest": target.digest, "job_id": job_id,
                    "passthrough": passthrough},
         batch_size=sizes.write,
         batch_format="numpy",
-        num_cpus=TASK_CPUS,
+        **light,
     )
-    yield from ds.iter_rows()

@@ -136,22 +136,27 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_rows(batch: dict[str, np.ndarray], modality: str, source: str) -> dict[str, np.ndarray]:
-    """A batch of listing rows or raw-media rows -> this modality's rows with bytes and content hashes.
-
-    A file that cannot be read keeps `data` empty and gets its reason in `read_error`.
-    """
+def of_modality(batch: dict[str, np.ndarray], modality: str) -> dict[str, np.ndarray]:
+    """The rows of `modality` in a batch of listing or raw-media rows (the `modality` column, else the id's extension)."""
     ids = batch["id"]
     if "modality" in batch and batch["modality"] is not None:
         modalities = [m if m is not None else modality_of(i) for m, i in zip(batch["modality"], ids)]
     else:
         modalities = [modality_of(i) for i in ids]
     keep = np.array([m == modality for m in modalities], dtype=bool)
-    n = int(keep.sum())
-    uris = batch["uri"][keep] if "uri" in batch else ids[keep]
+    return {k: v[keep] for k, v in batch.items() if k != "modality"}
+
+
+def load_rows(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """A batch of one modality's listing or raw-media rows -> rows with bytes and content hashes.
+
+    A file that cannot be read keeps `data` empty and gets its reason in `read_error`.
+    """
+    n = len(batch["id"])
+    uris = batch["uri"] if "uri" in batch else batch["id"]
     data, errors = [], []
-    texts = batch["text"][keep] if "text" in batch else [None] * n
-    blobs = batch["data"][keep] if "data" in batch else [None] * n
+    texts = batch["text"] if "text" in batch else [None] * n
+    blobs = batch["data"] if "data" in batch else [None] * n
     for uri, blob, text in zip(uris, blobs, texts):
         error = ""
         if blob is None and text is not None:
@@ -165,7 +170,7 @@ def load_rows(batch: dict[str, np.ndarray], modality: str, source: str) -> dict[
             blob, error = b"", "row has no data"
         data.append(blob)
         errors.append(error)
-    out = {k: v[keep] for k, v in batch.items() if k not in ("data", "text", "modality", "uri")}
+    out = {k: v for k, v in batch.items() if k not in ("data", "text", "uri")}
     out["uri"] = np.asarray(uris, dtype=object)
     out["source"] = np.full(n, source, dtype=object)
     out["data"] = np.array(data + [b""], dtype=object)[:n]

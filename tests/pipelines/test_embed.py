@@ -52,3 +52,27 @@ def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session):
     table = store.dataset(store.partitions("embeddings")[("text", "minilm-l6")]).to_table()
     stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False))[np.argsort(table["id"].to_pylist())]
     assert (stored * load_encoder("minilm-l6").encode("text", texts)).sum(1).min() >= 0.9999
+
+
+def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session):
+    """Ray Data pauses a task whose output waits for room downstream, and the task keeps what it
+    reserved: a read or repartition task holding the CPU the decoding needed stopped a 20k-image
+    job on 2 CPUs for good. So the light steps reserve no CPU, and a bounded number run at once."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.txt").write_text("a note")
+    inventory = sources.open_input(str(media), str(tmp_path / "staging"))
+    target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
+    ds = embed.dataset(inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1")
+    steps, op = {}, ds._logical_plan.dag
+    while op is not None:
+        steps[op.name] = op
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    # the one listing task runs before anything else (FREE_CPUS keeps a CPU for it); the column
+    # selection is pushed into the read
+    tasks = {name: op for name, op in steps.items() if name not in ("ListFiles", "Project")}
+    reserving = {name for name, op in tasks.items() if op.ray_remote_args.get("num_cpus", 1) != 0}
+    assert reserving == {"MapBatches(load_rows)", "MapBatches(skip_done)", "MapBatches(preprocess)", "MapBatches(EmbedBatch)"}, tasks
+    light = [op for name, op in tasks.items() if name not in reserving]
+    assert any(name.startswith("StreamingRepartition") for name in tasks) and len(light) == 4, "read, modality, repartition, write"
+    assert all(op.compute.size == embed.light_tasks() for op in light), "reserving no CPU, they need a bound"

@@ -43,12 +43,15 @@ def test_parquet_errors(tmp_path: Path):
         sources.open_input(str(tmp_path / "nope"), str(tmp_path / "s"))
 
 
-def test_load_rows_reads_files_hashes_and_keeps_unreadable_rows(tmp_path: Path):
+def test_of_modality_then_load_rows_reads_files_hashes_and_keeps_unreadable_rows(tmp_path: Path):
     (tmp_path / "a.txt").write_text("hello")
     batch = {"id": np.array(["a.txt", "gone.txt", "x.png"], dtype=object),
              "uri": np.array([str(tmp_path / "a.txt"), str(tmp_path / "gone.txt"), "x.png"], dtype=object),
              "modality": np.array(["text", "text", "image"], dtype=object)}
-    out = sources.load_rows(batch, "text", "SRC")
+    texts = sources.of_modality(batch, "text")
+    assert list(texts["id"]) == ["a.txt", "gone.txt"] and "modality" not in texts
+    assert list(sources.of_modality({"id": batch["id"]}, "image")["id"]) == ["x.png"], "no modality column: the extension says"
+    out = sources.load_rows(texts, "SRC")
     assert list(out["id"]) == ["a.txt", "gone.txt"]
     assert out["data"][0] == b"hello" and out["read_error"][0] == ""
     assert out["content_hash"][0] == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
