@@ -132,7 +132,7 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     # holding the CPU the preprocessing needs stalled the job for good (seen: a 20k-image job on 2 CPUs).
     light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=light_tasks())}
     ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=light_tasks()).select_columns(columns)
-    ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="numpy", **light)
+    ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="pyarrow", **light)
     # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
     ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read), light_tasks())
     cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}

@@ -136,15 +136,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def of_modality(batch: dict[str, np.ndarray], modality: str) -> dict[str, np.ndarray]:
-    """The rows of `modality` in a batch of listing or raw-media rows (the `modality` column, else the id's extension)."""
-    ids = batch["id"]
-    if "modality" in batch and batch["modality"] is not None:
-        modalities = [m if m is not None else modality_of(i) for m, i in zip(batch["modality"], ids)]
-    else:
-        modalities = [modality_of(i) for i in ids]
-    keep = np.array([m == modality for m in modalities], dtype=bool)
-    return {k: v[keep] for k, v in batch.items() if k != "modality"}
+def of_modality(batch: pa.Table, modality: str) -> pa.Table:
+    """The rows of `modality` in a batch of listing or raw-media rows (the `modality` column, else the id's
+    extension). Arrow in, Arrow out: a numpy round trip would turn an all-null column into floats."""
+    ids = batch.column("id").to_pylist()
+    given = batch.column("modality").to_pylist() if "modality" in batch.column_names else [None] * len(ids)
+    keep = pa.array([(m if m is not None else modality_of(i)) == modality for m, i in zip(given, ids)], type=pa.bool_())
+    return batch.filter(keep).drop_columns([c for c in ("modality",) if c in batch.column_names])
 
 
 def load_rows(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -45,13 +45,14 @@ def test_parquet_errors(tmp_path: Path):
 
 def test_of_modality_then_load_rows_reads_files_hashes_and_keeps_unreadable_rows(tmp_path: Path):
     (tmp_path / "a.txt").write_text("hello")
-    batch = {"id": np.array(["a.txt", "gone.txt", "x.png"], dtype=object),
-             "uri": np.array([str(tmp_path / "a.txt"), str(tmp_path / "gone.txt"), "x.png"], dtype=object),
-             "modality": np.array(["text", "text", "image"], dtype=object)}
-    texts = sources.of_modality(batch, "text")
-    assert list(texts["id"]) == ["a.txt", "gone.txt"] and "modality" not in texts
-    assert list(sources.of_modality({"id": batch["id"]}, "image")["id"]) == ["x.png"], "no modality column: the extension says"
-    out = sources.load_rows(texts, "SRC")
+    listing = pa.table({"id": ["a.txt", "gone.txt", "x.png"], "uri": [str(tmp_path / "a.txt"), str(tmp_path / "gone.txt"), "x.png"],
+                        "modality": ["text", "text", "image"], "data": pa.nulls(3, pa.binary())})
+    texts = sources.of_modality(listing, "text")
+    assert texts["id"].to_pylist() == ["a.txt", "gone.txt"] and "modality" not in texts.column_names
+    assert texts.schema.field("data").type == pa.binary(), "types kept: an all-null column must not turn into floats"
+    assert sources.of_modality(listing.drop_columns(["modality"]), "image")["id"].to_pylist() == ["x.png"], "the extension says"
+    batch = {c: np.array(texts[c].to_pylist(), dtype=object) for c in ("id", "uri")}
+    out = sources.load_rows(batch, "SRC")
     assert list(out["id"]) == ["a.txt", "gone.txt"]
     assert out["data"][0] == b"hello" and out["read_error"][0] == ""
     assert out["content_hash"][0] == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
