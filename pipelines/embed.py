@@ -130,11 +130,12 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     # Only the preprocessing tasks and the actors reserve CPU: a task that Ray Data pauses while its
     # output waits (downstream is full) keeps what it reserved, and a read, repartition or write task
     # holding the CPU the preprocessing needs stalled the job for good (seen: a 20k-image job on 2 CPUs).
-    light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=light_tasks())}
-    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=light_tasks()).select_columns(columns)
+    tasks = light_tasks()
+    light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=tasks)}
+    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=tasks).select_columns(columns)
     ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="pyarrow", **light)
     # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
-    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read), light_tasks())
+    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read), tasks)
     cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)

@@ -140,9 +140,10 @@ def of_modality(batch: pa.Table, modality: str) -> pa.Table:
     """The rows of `modality` in a batch of listing or raw-media rows (the `modality` column, else the id's
     extension). Arrow in, Arrow out: a numpy round trip would turn an all-null column into floats."""
     ids = batch.column("id").to_pylist()
-    given = batch.column("modality").to_pylist() if "modality" in batch.column_names else [None] * len(ids)
+    stated = "modality" in batch.column_names
+    given = batch.column("modality").to_pylist() if stated else [None] * len(ids)
     keep = pa.array([(m if m is not None else modality_of(i)) == modality for m, i in zip(given, ids)], type=pa.bool_())
-    return batch.filter(keep).drop_columns([c for c in ("modality",) if c in batch.column_names])
+    return batch.filter(keep).drop_columns(["modality"] if stated else [])
 
 
 def load_rows(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
