@@ -274,13 +274,8 @@ def search(root: str, vector: np.ndarray, modality: str, model: str, k: int = 10
     norm = np.linalg.norm(query)
     if not norm > 0:
         raise QueryError("query vector has zero or non-finite norm")
-    if where is None:
-        top, scores = _best(part, query / norm, k)
-    else:
-        rows = _candidates(part, where, params)
-        scores = part.matrix[rows] @ (query / norm)
-        best = _top_k(scores, k)
-        top, scores = rows[best], scores[best]
+    rows = None if where is None else _candidates(part, where, params)
+    top, scores = _best(part, query / norm, k, rows)
     n = len(top)
     return pa.table({
         "id": part.labels["id"].take(top),
@@ -291,20 +286,22 @@ def search(root: str, vector: np.ndarray, modality: str, model: str, k: int = 10
     })
 
 
-def _best(part: _Partition, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the k best matches to the unit vector `query` in the whole partition, and their scores.
+def _best(part: _Partition, query: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best matches to the unit vector `query` among `rows` (default: the whole partition): rows, scores.
 
-    A large partition is scanned in float16, then only the rows that the scan's error bound leaves in
-    reach of the top k are scored exactly: the same rows and scores as an exact scan, at half the traffic."""
-    if part.half is None:
+    A whole large partition is scanned in float16 first, then only the rows that the scan's error bound
+    leaves in reach of the top k are scored exactly: the same rows and scores as an exact scan, at half
+    the traffic."""
+    if rows is None and part.half is None:
         scores = part.matrix @ query
         top = _top_k(scores, k)
         return top, scores[top]
-    import torch
+    if rows is None:
+        import torch
 
-    approx = torch.mv(part.half, torch.from_numpy(query).half()).float().numpy()
-    kth = np.partition(approx, len(approx) - k)[len(approx) - k] if k < len(approx) else approx.min()
-    rows = np.flatnonzero(approx >= kth - 2 * HALF_ERROR)  # every row whose exact score can reach the k-th best
+        approx = torch.mv(part.half, torch.from_numpy(query).half()).float().numpy()
+        kth = np.partition(approx, len(approx) - k)[len(approx) - k] if k < len(approx) else approx.min()
+        rows = np.flatnonzero(approx >= kth - 2 * HALF_ERROR)  # every row whose exact score can reach the k-th best
     exact = part.matrix[rows] @ query
     best = _top_k(exact, k)
     return rows[best], exact[best]
