@@ -50,7 +50,7 @@ from encoders.model import Options
 from encoders.registry import load_encoder
 from pipelines.embed import start as start_ray
 from pipelines.errors import ResourceError
-from storage.store import Store
+from storage.store import Store, duckdb_connection
 
 from . import config
 from .run import run_job
@@ -67,6 +67,7 @@ RETRIEVAL_DIM, TOP_K = 512, 10
 RSS_MODEL = "shapes-clip"  # the memory jobs' model: streaming does not depend on it, and a small one keeps the 20k job short
 WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting (default 15), read when Ray starts
 CHECK_BATCH = 20_000  # input hashes in one incremental check, half of them already embedded
+INDEX_CLUSTERS, INDEX_NOISE = 200, 0.7  # the HNSW store: points around centres (cosine ~0.8 to theirs), like real embeddings
 TOP_PROCESSES = 5  # the largest processes named at a memory peak
 WORDS = (
     "the a small large red blue green old new quiet bright dark cold warm river city train station morning evening "
@@ -109,6 +110,7 @@ class Plan:
     sweep: tuple[tuple[int, int, int], ...] = ((1, 64, 0), (1, 64, 1), (1, 16, 0), (1, 128, 0), (2, 64, 0))  # actors, batch, threads (0: auto)
     sweep_images: int = 500
     query_rows: tuple[int, ...] = (100_000, 1_000_000)
+    index_rows: int = 100_000  # the HNSW index against exact search (building it costs minutes per 100k rows)
     queries: int = 20
     naive_queries: int = 5
     rss_images: tuple[int, int] = (2_000, 20_000)
@@ -122,7 +124,7 @@ def make_plan(n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITI
     full = modalities == MODALITIES
     if quick:
         n = n or 32
-        return Plan(n=_counts(n), modalities=modalities, sweep=(), sweep_images=n, query_rows=(10_000, 100_000),
+        return Plan(n=_counts(n), modalities=modalities, sweep=(), sweep_images=n, query_rows=(10_000, 100_000), index_rows=2_000,
                     queries=10, naive_queries=3, rss_images=(16, 64), bare_reps=1, whole_run=full, quick=True,
                     baseline_items={"image": n, "audio": max(1, n // 2), "text": TEXT_FACTOR * n})
     return Plan(n=_counts(n or 1000), modalities=modalities, whole_run=full)
@@ -569,8 +571,10 @@ def measure_sweep(plan: Plan, work: Path) -> list[dict]:
 # -- retrieval ------------------------------------------------------------------------------
 
 
-def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors") -> str:
-    """A committed store of `rows` random unit vectors (dim 512) under modality=image/model=`model`."""
+def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors",
+                       centres: np.ndarray | None = None) -> str:
+    """A committed store of `rows` random unit vectors (dim 512) under modality=image/model=`model`:
+    uniform, or scattered around `centres` (see `around`)."""
     import hashlib
 
     from storage.schema import TIMESTAMP, embedding_schema
@@ -581,7 +585,7 @@ def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: s
     now = datetime.now(timezone.utc)
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
-        vectors = rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32)
+        vectors = rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = [f"v{i:08d}" for i in range(start, start + n)]
         table = pa.table({
@@ -593,6 +597,12 @@ def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: s
         files.append(store.write_embeddings("image", model, table))
     store.commit(job, files)
     return model
+
+
+def around(centres: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` points, each a random centre plus Gaussian noise (not normalised)."""
+    picked = centres[rng.integers(0, len(centres), n)]
+    return picked + INDEX_NOISE * rng.standard_normal(picked.shape, dtype=np.float32)
 
 
 def brute_force(files: list[str], queries: np.ndarray) -> tuple[list[float], list[str]]:
@@ -610,8 +620,6 @@ def brute_force(files: list[str], queries: np.ndarray) -> tuple[list[float], lis
 
 def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     """Top-10 latency over `rows` x 512 vectors: storage.query.search, numpy brute force, naive DuckDB; the incremental check."""
-    import duckdb
-
     from storage.query import search
 
     rng = np.random.default_rng(rows)
@@ -628,7 +636,7 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     numpy_s, numpy_first = brute_force(files, queries)
     if numpy_first != first["id"].to_pylist():
         raise BenchError("search and numpy brute force disagree on the top-10")
-    con = duckdb.connect()
+    con = duckdb_connection()
     sql = (f"SELECT id, array_cosine_similarity(embedding::FLOAT[{RETRIEVAL_DIM}], ?::FLOAT[{RETRIEVAL_DIM}]) AS score "
            "FROM read_parquet(?) ORDER BY score DESC LIMIT 10")
     naive_s = [timed(lambda: con.execute(sql, [q.tolist(), files]).fetchall())[0] for q in queries[: plan.naive_queries]]
@@ -643,6 +651,34 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
         "rows": rows, "dim": RETRIEVAL_DIM, "k": TOP_K,
         "search_first_call_s": round(cold, 3), "search_ms": percentiles(search_s), "numpy_ms": percentiles(numpy_s),
         "naive_duckdb_ms": percentiles(naive_s), "done_keys_s": {"batch": 2 * half, "half_new": round(done_some[0], 3), "all_rows": round(done_all[0], 3)},
+    }
+
+
+def measure_index(rows: int, plan: Plan, work: Path) -> dict:
+    """The HNSW index (`mmembed index`) against exact search over `rows` clustered 512-d vectors:
+    build time and size, top-10 latency both ways, recall@10 of the index."""
+    from storage.index import index_path
+    from storage.query import build_index, search
+
+    rng = np.random.default_rng(rows + 1)
+    centres = rng.standard_normal((INDEX_CLUSTERS, RETRIEVAL_DIM), dtype=np.float32)
+    root = work / "stores" / f"clustered-{rows}"
+    log(f"index: writing {rows} clustered vectors, building the HNSW index")
+    model = write_vector_store(root, rows, rng, centres=centres)
+    build_s, _ = timed(lambda: build_index(str(root)))
+    queries = around(centres, plan.queries, rng)
+    cold, _ = timed(lambda: search(str(root), queries[0], "image", model, k=TOP_K))
+    hnsw_s, exact_s, found = [], [], 0
+    for q in queries:
+        seconds, got = timed(lambda: search(str(root), q, "image", model, k=TOP_K))
+        hnsw_s.append(seconds)
+        seconds, want = timed(lambda: search(str(root), q, "image", model, k=TOP_K, use_index=False))
+        exact_s.append(seconds)
+        found += len(set(got["id"].to_pylist()) & set(want["id"].to_pylist()))
+    return {
+        "rows": rows, "dim": RETRIEVAL_DIM, "k": TOP_K, "clusters": INDEX_CLUSTERS, "build_s": round(build_s, 2),
+        "index_mb": round(index_path(Store(str(root)), "image", model).stat().st_size / 1e6, 1), "first_call_s": round(cold, 3),
+        "hnsw_ms": percentiles(hnsw_s), "exact_ms": percentiles(exact_s), "recall_at_10": round(found / (TOP_K * len(queries)), 4),
     }
 
 
@@ -742,6 +778,7 @@ def summarize(result: dict) -> None:
         "query_1m_p50": largest["search_ms"]["p50"] if largest else None,
         "query_1m_rows": largest["rows"] if largest else None,  # 100k in --quick
         "job_10_items_s": fixed["seconds"] if fixed else None,  # seconds, despite the section's name
+        "query_hnsw_p50": result["index"]["hnsw_ms"]["p50"] if result.get("index") else None,
     }
     result["peak_rss_ratio_20k_vs_2k"] = rss
     result["peak_rss_images"] = list(result["plan"]["rss_images"]) if memory else None  # (200, 2000)-style in --quick
@@ -795,6 +832,7 @@ def measure(plan: Plan, out: Path) -> dict:
         keep(result, "sweep", measure_sweep(plan, out))
     if plan.whole_run:
         keep(result, "retrieval", [measure_retrieval(rows, plan, out) for rows in plan.query_rows])
+        keep(result, "index", measure_index(plan.index_rows, plan, out))
         keep(result, "fixed_cost", measure_fixed_cost(plan, out))
         keep(result, "memory", measure_memory(plan, out))
     partial.unlink()
@@ -862,6 +900,13 @@ def markdown(result: dict) -> str:
                         [[r["rows"], r["search_ms"]["p50"], r["search_ms"]["p95"], r["numpy_ms"]["p50"], r["naive_duckdb_ms"]["p50"],
                           _ratio(r["naive_duckdb_ms"]["p50"], r["search_ms"]["p50"]), r["search_first_call_s"],
                           r["done_keys_s"]["half_new"], r["done_keys_s"]["all_rows"]] for r in result["retrieval"]])
+        lines.append("")
+    if result.get("index"):
+        x = result["index"]
+        lines += [f"### HNSW index (`mmembed index`) vs exact search: top-10 over {x['rows']} 512-d vectors in {x['clusters']} clusters", ""]
+        lines += _table(["build (s)", "index MB", "HNSW p50 (ms)", "HNSW p95", "exact p50", "exact p95", "recall@10", "first call (s)"],
+                        [[x["build_s"], x["index_mb"], x["hnsw_ms"]["p50"], x["hnsw_ms"]["p95"], x["exact_ms"]["p50"],
+                          x["exact_ms"]["p95"], x["recall_at_10"], x["first_call_s"]]])
         lines.append("")
     if result.get("memory"):
         mem, fixed = result["memory"], result["fixed_cost"]

@@ -18,7 +18,8 @@ from encoders.registry import list_models, load_encoder, models_dir
 from pipelines.errors import ResourceError, SourceError
 from pipelines.sources import modality_of
 from storage.lock import LockError
-from storage.query import QueryError, connect, run_readonly, search
+from storage import index
+from storage.query import QueryError, build_index, connect, run_readonly, search
 from storage.query import classify as classify_rows
 from storage.store import Store, StoreError
 
@@ -180,11 +181,31 @@ def query(args: argparse.Namespace) -> int:
         raise QueryError(f"no store at {args.root}")
     model = _pick_model(args.root, modality, query_modality, args.model)
     vector = embed_query(model, query_modality, value)
-    rows = search(args.root, vector, modality, model, k=args.k, where=args.where).to_pylist()
+    if not args.exact and args.where is None:
+        _note_index(args.root, modality, model)
+    rows = search(args.root, vector, modality, model, k=args.k, where=args.where, use_index=not args.exact,
+                  ef_search=args.ef_search).to_pylist()
     if args.json:
         output.emit_json(rows)
     else:
         output.table(rows, ["score", "id", "modality", "model", "uri"])
+    return 0
+
+
+def _note_index(root: str, modality: str, model: str) -> None:
+    store = Store(root)
+    found = index.state(store, modality, model, store.partitions("embeddings").get((modality, model), ()))
+    if found == "fresh":
+        print(f"searching the HNSW index of {modality}/{model} (approximate; --exact to scan)", file=sys.stderr)
+    elif found == "stale":
+        print(f"the HNSW index of {modality}/{model} predates its latest commit: searching exactly "
+              f"(rebuild with `mmembed index {root}`)", file=sys.stderr)
+
+
+def build_indexes(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in (("M", args.m), ("ef_construction", args.ef_construction)) if v is not None}
+    rows = build_index(args.root, args.modality, args.model, force=args.force, options=options)
+    output.emit_json(rows) if args.json else output.table(rows)
     return 0
 
 

@@ -14,12 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from storage.store import duckdb_connection
 
 from .errors import SourceError
 
@@ -58,10 +59,12 @@ def remove_dir(path: str) -> None:
         fs.delete_dir(path)
 
 
-def _write_chunk(rows: list[dict], dest: str, fs: pafs.FileSystem, n: int) -> str:
-    path = f"{dest}/listing-{n:05d}.parquet"
+def _write_chunk(rows: list[dict], staging: str, n: int) -> str:
+    """Write listing chunk `n`; returns its path or URI (s3://...), as Ray's reader takes it."""
+    uri = f"{staging}/listing-{n:05d}.parquet"
+    fs, path = filesystem(uri)
     pq.write_table(pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), path, filesystem=fs)
-    return path
+    return uri
 
 
 LISTING_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("modality", pa.string())])
@@ -84,10 +87,10 @@ def list_directory(input_dir: Path, staging: str) -> Inventory:
             rows.append({"id": path.relative_to(input_dir).as_posix(), "uri": str(path), "modality": modality})
             inv.counts[modality] += 1
             if len(rows) == LISTING_CHUNK:
-                inv.files.append(_write_chunk(rows, dest, fs, len(inv.files)))
+                inv.files.append(_write_chunk(rows, staging, len(inv.files)))
                 rows = []
     if rows or not inv.files:
-        inv.files.append(_write_chunk(rows, dest, fs, len(inv.files)))
+        inv.files.append(_write_chunk(rows, staging, len(inv.files)))
     return inv
 
 
@@ -111,7 +114,7 @@ def inspect_parquet(path: Path, passthrough: tuple[str, ...]) -> Inventory:
     counts = Counter()
     skipped = 0
     query = f"SELECT {modality_sql} AS m, CASE WHEN m IS NULL THEN {ext_sql} END, count(*) FROM read_parquet(?) GROUP BY ALL"
-    for modality, ext, n in duckdb.connect().execute(query, [files]).fetchall():
+    for modality, ext, n in duckdb_connection().execute(query, [files]).fetchall():
         modality = modality or MODALITY_OF.get(ext or "")
         if modality in EXTENSIONS:
             counts[modality] += n

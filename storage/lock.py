@@ -16,20 +16,22 @@ record names this host and a pid that is gone, a zombie, or now another process;
 retries the link. Two recoverers cannot both win: the flock admits one at a time, and the one
 that comes second finds ROOT/_lock replaced or gone.
 
-Limitation: the lock needs a local (or POSIX-locking network) filesystem. Object stores
-(s3://, gs://) have no exclusive create nor flock, so RootLock refuses such a ROOT unless
-allow_unsafe=True, which makes acquire/release no-ops that only log a warning: the caller
-then has to make sure that no two jobs write to that ROOT at once. A lock held by a job on
-another host is never treated as stale: if that job is gone, delete ROOT/_lock by hand.
+Object stores (s3://, gs://) have no exclusive create nor flock, so the lock of such a ROOT is
+a file on this host, under the temporary directory, named after the ROOT: it keeps two jobs on
+this host (a scheduler's, a user's) apart, not jobs on two hosts; those must be kept apart by
+whoever starts them. A lock held by a job on another host is never treated as stale: if that
+job is gone, delete ROOT/_lock by hand.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -44,7 +46,7 @@ _STARTTIME = 19  # /proc/<pid>/stat field 22, counted from field 3 (the one afte
 
 
 class LockError(Exception):
-    """The ROOT lock cannot be used (a non-local ROOT, an unreadable lock file)."""
+    """The ROOT lock cannot be used (an unreadable lock file, a second acquire)."""
 
 
 class LockHeldError(LockError):
@@ -68,16 +70,14 @@ class RootLock:
     `with RootLock(root, job_id).acquire(wait=True):` waits for it.
     """
 
-    def __init__(self, root: str, job_id: str = "", allow_unsafe: bool = False) -> None:
+    def __init__(self, root: str, job_id: str = "") -> None:
         directory = local_path(root)
-        if directory is None and not allow_unsafe:
-            raise LockError(
-                f"cannot lock {root}: only local filesystem roots can be locked "
-                "(allow_unsafe=True runs unlocked)"
-            )
+        self.host_only = directory is None
+        if directory is None:
+            directory = Path(tempfile.gettempdir()) / "mmembed-locks" / hashlib.sha256(root.encode()).hexdigest()[:16]
         self.root = root
         self.job_id = job_id
-        self.path = None if directory is None else directory / LOCK_NAME
+        self.path = directory / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False, timeout: float | None = None, poll: float = 0.2) -> RootLock:
@@ -85,9 +85,9 @@ class RootLock:
         or with wait=True poll every `poll` s until it is free (raising after `timeout` s)."""
         if self._fd is not None:
             raise LockError(f"{self.root} is already locked by this RootLock")
-        if self.path is None:
-            log.warning("%s is not locked: no lock for non-local roots", self.root)
-            return self
+        if self.host_only:
+            log.warning("%s is locked on this host only (%s): no job on another host may write to it meanwhile",
+                        self.root, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

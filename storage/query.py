@@ -8,7 +8,8 @@
     jobs                  one row per job record (nested fields as JSON text)
 
 `search` (top-k) and `classify` (zero-shot labels) work on a cached, normalised matrix of one
-partition instead of SQL, for speed.
+partition instead of SQL, for speed; `search` uses a fresh HNSW index instead when
+`build_index` made one (storage/index.py).
 
 `embeddings` and `errors` keep the newest row per (modality, source, id, model), so an input
 re-embedded later supersedes its old row; an error is dropped once a newer embedding of the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,8 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from . import index
 from .schema import ERROR_SCHEMA, embedding_dim, embedding_schema
-from .store import MODALITIES, Store, check_modality, check_name
+from .store import MODALITIES, Store, check_modality, check_name, duckdb_connection
 
 VIEWS = {"images": "image", "audio": "audio", "texts": "text"}
 EMBED_FUNCTIONS = {"embed_text": "text", "embed_image": "image", "embed_audio": "audio"}
@@ -57,7 +60,7 @@ def connect(root: str, embedder: Embedder | None = None) -> duckdb.DuckDBPyConne
     `embedder(model, modality, text_or_path)` returns a 1-D float32 vector.
     """
     store = _open(root)
-    con = duckdb.connect()
+    con = duckdb_connection()
     model_dims = _embedding_views(con, store)
     _errors_view(con, store)
     _jobs_view(con, store)
@@ -256,34 +259,75 @@ _LOADING = threading.Lock()
 
 
 def search(root: str, vector: np.ndarray, modality: str, model: str, k: int = 10,
-           where: str | None = None, params: Sequence | dict | None = None) -> pa.Table:
+           where: str | None = None, params: Sequence | dict | None = None, use_index: bool = True,
+           ef_search: int | None = None) -> pa.Table:
     """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
 
     `where` is a SQL predicate over the table's columns (passthrough ones included) that picks
     the candidate rows; values for its `?` or `$name` placeholders go in `params`.
+    A whole-partition search uses the partition's HNSW index when a fresh one exists (see
+    `build_index`; approximate, with `ef_search` candidates) unless `use_index` is False;
+    otherwise the search is exact.
     Returns columns id, uri, modality, model, score.
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
     if k < 1:
         raise QueryError(f"k must be positive, not {k}")
-    part = _partition(_open(root), modality, model)
-    query = np.asarray(vector, dtype=np.float32)
-    if query.shape != (part.matrix.shape[1],):
-        raise QueryError(f"query vector has shape {query.shape}, but model '{model}' has dim {part.matrix.shape[1]}")
-    norm = np.linalg.norm(query)
-    if not norm > 0:
-        raise QueryError("query vector has zero or non-finite norm")
-    rows = None if where is None else _candidates(part, where, params)
-    top, scores = _best(part, query / norm, k, rows)
-    n = len(top)
+    if ef_search is not None and ef_search < 1:
+        raise QueryError(f"ef_search must be positive, not {ef_search}")
+    store = _open(root)
+    hnsw = index.fresh(store, modality, model, _files(store, modality, model)) if use_index and where is None else None
+    part = None if hnsw else _partition(store, modality, model)
+    query = _unit(vector, hnsw.dim if hnsw else part.matrix.shape[1], model)
+    if hnsw:
+        ids, uris, scores = hnsw.search(query, k, ef_search)
+    else:
+        top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
+        ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
+    n = len(ids)
     return pa.table({
-        "id": part.labels["id"].take(top),
-        "uri": part.labels["uri"].take(top),
+        "id": ids,
+        "uri": uris,
         "modality": pa.array([modality] * n, pa.string()),
         "model": pa.array([model] * n, pa.string()),
         "score": pa.array(scores, pa.float32()),
     })
+
+
+def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
+    query = np.asarray(vector, dtype=np.float32)
+    if query.shape != (dim,):
+        raise QueryError(f"query vector has shape {query.shape}, but model '{model}' has dim {dim}")
+    norm = np.linalg.norm(query)
+    if not norm > 0:
+        raise QueryError("query vector has zero or non-finite norm")
+    return query / norm
+
+
+def build_index(root: str, modality: str | None = None, model: str | None = None, force: bool = False,
+                options: dict[str, int] | None = None) -> list[dict]:
+    """Build the HNSW index of every partition (or those of `modality` / `model`) that has no fresh one
+    with these `options` (every one with `force`); returns per partition: modality, model, rows, status
+    (built or fresh), seconds."""
+    store = _open(root)
+    wanted = {**index.OPTIONS, **(options or {})}
+    done = []
+    for (mod, name), files in sorted(store.partitions("embeddings").items()):
+        if modality not in (None, mod) or model not in (None, name):
+            continue
+        start = time.perf_counter()
+        hnsw = None if force else index.fresh(store, mod, name, files)
+        hnsw = hnsw if hnsw and hnsw.options == wanted else None
+        if hnsw is None:
+            part = _partition(store, mod, name)
+            index.write(store, mod, name, part.files, part.matrix, part.labels, options)
+        rows = hnsw.rows if hnsw else len(part.matrix)
+        done.append({"modality": mod, "model": name, "rows": rows, "status": "fresh" if hnsw else "built",
+                     "seconds": round(time.perf_counter() - start, 3)})
+    if not done:
+        raise QueryError(f"no embeddings{f' for modality={modality}' if modality else ''}{f' from model {model}' if model else ''} in {store.root}")
+    return done
 
 
 def _best(part: _Partition, query: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -362,11 +406,16 @@ def _candidates(part: _Partition, where: str, params: Sequence | dict | None) ->
     return np.unique(rows[(rows >= 0) & (rows < len(part.matrix))]).astype(np.int64)
 
 
-def _partition(store: Store, modality: str, model: str) -> _Partition:
-    """The cached partition, reloaded whenever its committed files change."""
+def _files(store: Store, modality: str, model: str) -> tuple[str, ...]:
     files = tuple(store.partitions("embeddings").get((modality, model), ()))
     if not files:
         raise QueryError(f"no embeddings for modality={modality} model={model} in {store.root}")
+    return files
+
+
+def _partition(store: Store, modality: str, model: str) -> _Partition:
+    """The cached partition, reloaded whenever its committed files change."""
+    files = _files(store, modality, model)
     key = (store.root, modality, model)
     with _LOADING:
         part = _PARTITIONS.get(key)
@@ -391,7 +440,7 @@ def _load(store: Store, files: tuple[str, ...]) -> _Partition:
         start += len(chunk)
     meta = table.drop_columns(["embedding"]).append_column("_row", pa.array(np.arange(table.num_rows)))
     del table
-    con = duckdb.connect()
+    con = duckdb_connection()
     con.register("_meta", meta)
     keep = con.sql(f"SELECT _row FROM _meta {_newest('source', 'id')} ORDER BY _row").fetchnumpy()["_row"]
     con.unregister("_meta")

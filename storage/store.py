@@ -41,11 +41,20 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 KEY_SEP = "\x1f"  # joins source, id and content_hash into a row key; no path or hash holds it
+KEY_COLUMNS = ("source", "id", "content_hash")
 
 
 def row_key(source: str, id_: str, content_hash: str) -> bytes:
     """The identity of an input row: sha256 of its source, id and content hash (32 bytes)."""
     return hashlib.sha256(f"{source}{KEY_SEP}{id_}{KEY_SEP}{content_hash}".encode()).digest()
+
+
+def duckdb_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB without its progress bar, which prints to stdout (into `--json` output)
+    whenever a query runs for more than two seconds."""
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
+    return con
 
 
 class StoreError(ValueError):
@@ -248,7 +257,7 @@ class Store:
             return np.zeros(len(hashes), dtype=bool)
         committed = self.dataset(files, pa.schema([("content_hash", pa.string())]))
         wanted = pa.table({"h": hashes})
-        con = duckdb.connect()
+        con = duckdb_connection()
         try:
             con.register("committed", committed)
             con.register("wanted", wanted)
@@ -263,16 +272,17 @@ class Store:
         check_modality(modality)
         check_name("model", model)
         parts = self.partitions("embeddings").get((modality, model), []), self.partitions("errors").get((modality,), [])
-        selects, params = [], []
         key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, content_hash)))"
-        for files, where in zip(parts, ("", " WHERE model = ?")):
-            if files:
-                selects.append(f"SELECT {key} AS k FROM read_parquet(?){where}")
-                params += [[self.uri(f) for f in files]] + ([model] if where else [])
-        if not selects:
-            return np.empty(0, dtype="S32")
-        con = duckdb.connect()
+        con = duckdb_connection()
         try:
+            selects, params = [], []
+            for i, (files, columns, where) in enumerate(zip(parts, (KEY_COLUMNS, (*KEY_COLUMNS, "model")), ("", " WHERE model = ?"))):
+                if files:  # an Arrow dataset reads through pyarrow.fs, so an object-store ROOT needs no DuckDB extension
+                    con.register(f"_part{i}", self.dataset(files, pa.schema([(c, pa.string()) for c in columns])))
+                    selects.append(f"SELECT {key} AS k FROM _part{i}{where}")
+                    params += [model] if where else []
+            if not selects:
+                return np.empty(0, dtype="S32")
             keys = con.execute(" UNION ".join(selects), params).to_arrow_table()["k"].combine_chunks()
         finally:
             con.close()

@@ -27,7 +27,7 @@ TINY_CLIP = {
 }
 PLAN = bench.Plan(
     n={"image": 4, "audio": 2, "text": 6}, clip=TINY_CLIP, clip_name="bench-clip-tiny", sweep=((1, 2, 1), (64, 2, 1)), sweep_images=4,
-    query_rows=(300, 1000), queries=3, naive_queries=2, rss_images=(2, 4), bare_reps=1, quick=True,
+    query_rows=(300, 1000), index_rows=500, queries=3, naive_queries=2, rss_images=(2, 4), bare_reps=1, quick=True,
 )
 RATIOS = ("image_fp32_vs_hf", "image_fp32_vs_bare", "image_bf16_vs_hf_fp32", "audio_trimmed_vs_hf", "text_fp32_vs_st", "text_bf16_vs_st",
           "query_1m_vs_naive", "peak_rss_ratio_20k_vs_2k")
@@ -92,6 +92,10 @@ def test_retrieval_memory_and_fixed_cost(result):
     for r in doc["retrieval"]:
         for method in ("search_ms", "numpy_ms", "naive_duckdb_ms"):
             assert 0 < r[method]["p50"] <= r[method]["p95"]
+    x = doc["index"]
+    assert x["rows"] == 500 and x["build_s"] > 0 and x["index_mb"] > 0 and x["recall_at_10"] >= 0.9, x
+    assert 0 < x["hnsw_ms"]["p50"] <= x["hnsw_ms"]["p95"] and 0 < x["exact_ms"]["p50"] <= x["exact_ms"]["p95"]
+    assert doc["latency_ms"]["query_hnsw_p50"] == x["hnsw_ms"]["p50"]
     assert [j["images"] for j in doc["memory"]["jobs"]] == [2, 4]
     assert all(j["peak_rss_mb"] > 100 for j in doc["memory"]["jobs"]), "a Ray job's process tree holds far more than 100 MB"
     assert doc["fixed_cost"]["seconds"] >= doc["fixed_cost"]["job_wall_s"] > 0
@@ -101,9 +105,9 @@ def test_reports(result):
     out, doc, paths = result
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(doc)) == json.loads((out / "copy" / "result.json").read_text())
     text = paths["markdown"].read_text()
-    for heading in ("Pipeline throughput", "Pipeline stages", "sweep", "Retrieval", "Memory and fixed cost", "Targets"):
+    for heading in ("Pipeline throughput", "Pipeline stages", "sweep", "Retrieval", "HNSW index", "Memory and fixed cost", "Targets"):
         assert heading in text
-    assert text.count("\n| ") >= 3 + 2 + 2 + 2 + 11
+    assert text.count("\n| ") >= 3 + 2 + 2 + 2 + 2 + 11
     with Image.open(paths["plot"]) as png:
         assert png.format == "PNG" and png.width == 900
 

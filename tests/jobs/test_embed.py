@@ -171,6 +171,28 @@ def test_classify_labels_every_image_by_the_clip_text_tower(job, capsys, tmp_pat
     assert "can encode a text query" in capsys.readouterr().err
 
 
+def test_index_command_and_query_through_it(job, capsys, tmp_path):
+    media, root, _ = job
+    root = shutil.copytree(root, tmp_path / "store")  # the module's store stays unindexed
+    capsys.readouterr()
+    assert main(["index", str(root), "--modality", "image", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert [(b["modality"], b["model"], b["rows"], b["status"]) for b in built] == [("image", CLIP, GOOD["image"], "built")]
+    query = ["query", str(root), "--image", str(media / "photos/coffee.jpg"), "-k", "3", "--json"]
+    assert main(query) == 0
+    out = capsys.readouterr()
+    assert "searching the HNSW index of image/tiny-clip" in out.err
+    hits = json.loads(out.out)
+    assert main([*query, "--exact"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert [h["id"] for h in hits] == [h["id"] for h in exact] and hits[0]["id"] == "photos/coffee.jpg"
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in exact], abs=1e-5)
+    assert main(["index", str(root)]) == 0
+    assert "fresh" in capsys.readouterr().out, "the image index is kept; the audio and text partitions are built"
+    assert main(["index", str(root), "--m", "0"]) == 1
+    assert "HNSW options must be positive" in capsys.readouterr().err
+
+
 def test_rerun_jobs_listing(job, capsys):
     _, root, record = job
     capsys.readouterr()

@@ -239,10 +239,16 @@ def test_racing_recoverers_take_turns(tmp_path):
     assert record(tmp_path)["pid"] == int(lines[-1])
 
 
-def test_object_store_roots_are_refused_unless_unsafe(tmp_path):
-    with pytest.raises(LockError, match="only local filesystem roots"):
-        RootLock("s3://bucket/store")
-    with RootLock("s3://bucket/store", allow_unsafe=True):
+def test_object_store_roots_are_locked_on_this_host(tmp_path, caplog):
+    root = f"s3://bucket/{tmp_path.name}"
+    with RootLock(root, "first") as held:
+        assert held.host_only and held.path.is_file() and "bucket" not in str(held.path)
+        assert "locked on this host only" in caplog.text
+        with pytest.raises(LockHeldError, match="locked by job first"):
+            RootLock(root, "second").acquire()
+        with RootLock(f"s3://bucket/{tmp_path.name}-other"):
+            pass
+    with RootLock(root, "second"):
         pass
 
 
