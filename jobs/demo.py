@@ -21,8 +21,8 @@ from storage.query import classify, connect, run_readonly, search
 from . import config, output
 from .commands import cached_encoder, embed_query
 from .run import run_job
+from .samples import SAMPLE_DIR as SAMPLES
 
-SAMPLES = Path(__file__).parent / "sample_media"
 TEXT_TO_IMAGE = ("a red circle", "a small blue square in the top left", "a green star", "a yellow triangle")
 SQL = """SELECT id, round(array_cosine_similarity(embedding, embed_text('shapes-clip', 'a purple heart')), 4) AS score
 FROM images WHERE model = 'shapes-clip' ORDER BY score DESC LIMIT 3"""
