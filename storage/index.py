@@ -32,10 +32,14 @@ OPTIONS = {"M": 16, "ef_construction": 128}  # vss's build defaults; M0 follows 
 EF_SEARCH = 64  # vss's default candidates per query
 
 
-def index_path(store: Store, modality: str, model: str) -> Path:
+def local_root(store: Store) -> Path:
     if "://" in store.root:
         raise StoreError(f"an HNSW index is a local DuckDB file, and {store.root} is not a local store")
-    return Path(store.root) / INDEX_DIR / f"modality={modality}" / f"model={model}.duckdb"
+    return Path(store.root)
+
+
+def index_path(store: Store, modality: str, model: str) -> Path:
+    return local_root(store) / INDEX_DIR / f"modality={modality}" / f"model={model}.duckdb"
 
 
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:

@@ -311,6 +311,7 @@ def build_index(root: str, modality: str | None = None, model: str | None = None
     with these `options` (every one with `force`); returns per partition: modality, model, rows, status
     (built or fresh), seconds."""
     store = _open(root)
+    index.local_root(store)  # before loading any partition
     wanted = {**index.OPTIONS, **(options or {})}
     done = []
     for (mod, name), files in sorted(store.partitions("embeddings").items()):
