@@ -271,16 +271,17 @@ class Store:
         errored: what an incremental run skips. DuckDB reads only the key columns, 32 bytes a row come back."""
         check_modality(modality)
         check_name("model", model)
-        parts = self.partitions("embeddings").get((modality, model), []), self.partitions("errors").get((modality,), [])
+        sources = [("embedded", self.partitions("embeddings").get((modality, model), []), KEY_COLUMNS, "", []),
+                   ("errored", self.partitions("errors").get((modality,), []), (*KEY_COLUMNS, "model"), " WHERE model = ?", [model])]
         key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, content_hash)))"
         con = duckdb_connection()
         try:
             selects, params = [], []
-            for i, (files, columns, where) in enumerate(zip(parts, (KEY_COLUMNS, (*KEY_COLUMNS, "model")), ("", " WHERE model = ?"))):
+            for name, files, columns, where, values in sources:
                 if files:  # an Arrow dataset reads through pyarrow.fs, so an object-store ROOT needs no DuckDB extension
-                    con.register(f"_part{i}", self.dataset(files, pa.schema([(c, pa.string()) for c in columns])))
-                    selects.append(f"SELECT {key} AS k FROM _part{i}{where}")
-                    params += [model] if where else []
+                    con.register(name, self.dataset(files, pa.schema([(c, pa.string()) for c in columns])))
+                    selects.append(f"SELECT {key} AS k FROM {name}{where}")
+                    params += values
             if not selects:
                 return np.empty(0, dtype="S32")
             keys = con.execute(" UNION ".join(selects), params).to_arrow_table()["k"].combine_chunks()
