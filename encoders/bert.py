@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import ACTIVATIONS, Block, LayerNorm
+from .block import ACTIVATIONS, Block, Embedding, LayerNorm
 from .errors import ConversionError
 from .model import Encoder, Item, Options
 from .store import StoredModel, load_state
@@ -51,9 +51,9 @@ class Bert(nn.Module):
     def __init__(self, dims: BertDims):
         super().__init__()
         self.dims = dims
-        self.token_embedding = nn.Embedding(dims.vocab_size, dims.width)
-        self.position_embedding = nn.Embedding(dims.max_positions, dims.width)
-        self.type_embedding = nn.Embedding(dims.type_vocab_size, dims.width)
+        self.token_embedding = Embedding(dims.vocab_size, dims.width)
+        self.position_embedding = Embedding(dims.max_positions, dims.width)
+        self.type_embedding = Embedding(dims.type_vocab_size, dims.width)
         self.ln = LayerNorm(dims.width, eps=dims.layer_norm_eps)
         self.blocks = nn.ModuleList(
             Block(dims.width, dims.heads, dims.mlp, dims.activation, norm_first=False, eps=dims.layer_norm_eps) for _ in range(dims.layers)

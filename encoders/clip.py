@@ -23,7 +23,7 @@ from tokenizers.trainers import BpeTrainer
 from torch import Tensor, nn
 
 from . import image
-from .block import ACTIVATIONS, Block, LayerNorm
+from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
 from .model import Encoder, Item, Options
 from .store import StoredModel, load_state
@@ -73,17 +73,17 @@ def pool_eos(x: Tensor, input_ids: Tensor, eos_token_id: int, legacy: bool) -> T
 class VisionTower(nn.Module):
     def __init__(self, dims: CLIPDims):
         super().__init__()
-        width, scale = dims.vision_width, dims.vision_width**-0.5
+        width = dims.vision_width
         self.patch_embed = nn.Conv2d(3, width, dims.patch_size, stride=dims.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((dims.image_size // dims.patch_size) ** 2 + 1, width))
+        self.class_embedding = normal(width, std=width**-0.5)
+        self.positional_embedding = normal((dims.image_size // dims.patch_size) ** 2 + 1, width, std=width**-0.5)
         self.ln_pre = LayerNorm(width, eps=dims.layer_norm_eps)
         self.blocks = nn.ModuleList(
             Block(width, dims.vision_heads, dims.vision_mlp, dims.activation, norm_first=True, eps=dims.layer_norm_eps)
             for _ in range(dims.vision_layers)
         )
         self.ln_post = LayerNorm(width, eps=dims.layer_norm_eps)
-        self.proj = nn.Linear(width, dims.embed_dim, bias=False)
+        self.proj = Linear(width, dims.embed_dim, bias=False)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values: (batch, 3, image_size, image_size) -> (batch, embed_dim)."""
@@ -100,15 +100,14 @@ class TextTower(nn.Module):
         super().__init__()
         width = dims.text_width
         self.eos_token_id, self.legacy_eos_pooling = dims.eos_token_id, dims.legacy_eos_pooling
-        self.token_embedding = nn.Embedding(dims.vocab_size, width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.positional_embedding = nn.Parameter(0.01 * torch.randn(dims.context_length, width))
+        self.token_embedding = Embedding(dims.vocab_size, width, std=0.02)
+        self.positional_embedding = normal(dims.context_length, width, std=0.01)
         self.blocks = nn.ModuleList(
             Block(width, dims.text_heads, dims.text_mlp, dims.activation, norm_first=True, eps=dims.layer_norm_eps)
             for _ in range(dims.text_layers)
         )
         self.ln_final = LayerNorm(width, eps=dims.layer_norm_eps)
-        self.proj = nn.Linear(width, dims.embed_dim, bias=False)
+        self.proj = Linear(width, dims.embed_dim, bias=False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (batch, seq <= context_length), right-padded -> (batch, embed_dim)."""
@@ -126,7 +125,7 @@ class CLIP(nn.Module):
         self.dims = dims
         self.vision = VisionTower(dims)
         self.text = TextTower(dims)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """pixel_values: (batch, 3, image_size, image_size) -> unnormalised (batch, embed_dim)."""

@@ -31,6 +31,7 @@ SCHEMA = pa.schema(
     ]
 )
 META_KEY = b"mmembed"
+LOAD_BATCH = 8  # tensors decoded at once by `load`
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def _sha(b: bytes) -> str:
+def _sha(b: bytes | pa.Buffer) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
@@ -115,30 +116,33 @@ def read_meta(path: str | Path) -> dict:
 def load(path: str | Path) -> StoredModel:
     """Read and verify every tensor; a missing file, bad checksum or bad shape raises ModelLoadError."""
     meta = read_meta(path)
+    tensors, checksums = {}, {}
     try:
-        table = pq.read_table(path)
+        # A few tensors at a time: one read of the whole table grows a single buffer to the model's size by
+        # doubling, which took 2-7 s for a 500 MB store in a fresh process (each step copies and faults pages in).
+        for batch in pq.ParquetFile(path, memory_map=True).iter_batches(batch_size=LOAD_BATCH, use_threads=False):
+            columns = [batch.column(c).to_pylist() for c in ("name", "dtype", "shape", "sha256")]
+            for name, dtype_name, shape, checksum, blob in zip(*columns, batch.column("data")):
+                tensors[name] = _tensor(path, name, dtype_name, tuple(shape), checksum, blob.as_buffer())
+                checksums[name] = checksum
     except (OSError, pa.ArrowException) as e:
         raise ModelLoadError(f"cannot read model store {path}: {e}") from None
-    tensors, checksums = {}, {}
-    columns = {c: table[c].to_pylist() for c in ("name", "dtype", "shape", "sha256")}
-    blobs = (value.as_buffer() for chunk in table["data"].chunks for value in chunk)  # no copy into Python bytes
-    for name, dtype_name, shape, checksum, blob in zip(*columns.values(), blobs):
-        data = bytearray(blob)
-        if _sha(data) != checksum:
-            raise ModelLoadError(f"{path}: tensor '{name}' fails its checksum (the store is corrupt)")
-        dtype = getattr(torch, dtype_name)
-        shape = tuple(shape)
-        expect = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if len(data) != expect:
-            raise ModelLoadError(f"{path}: tensor '{name}' has {len(data)} bytes, shape {shape} needs {expect}")
-        if dtype == torch.bfloat16:
-            t = torch.frombuffer(data, dtype=torch.int16).view(torch.bfloat16)
-        else:
-            t = torch.frombuffer(data, dtype=dtype)
-        tensors[name] = t.reshape(shape)
-        checksums[name] = checksum
     return StoredModel(meta["kind"], meta["config"], tensors, meta.get("preprocess") or {}, meta.get("tokenizer"),
                        meta.get("source"), checksums)
+
+
+def _tensor(path: str | Path, name: str, dtype_name: str, shape: tuple[int, ...], checksum: str, blob: pa.Buffer) -> torch.Tensor:
+    """One stored tensor, verified against its checksum and shape, in memory of its own."""
+    if _sha(blob) != checksum:
+        raise ModelLoadError(f"{path}: tensor '{name}' fails its checksum (the store is corrupt)")
+    dtype = getattr(torch, dtype_name)
+    expect = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if blob.size != expect:
+        raise ModelLoadError(f"{path}: tensor '{name}' has {blob.size} bytes, shape {shape} needs {expect}")
+    data = bytearray(blob)
+    if dtype == torch.bfloat16:
+        return torch.frombuffer(data, dtype=torch.int16).view(torch.bfloat16).reshape(shape)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store", assign: bool = False) -> None:

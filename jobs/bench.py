@@ -69,6 +69,9 @@ WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting (default 15), read when
 CHECK_BATCH = 20_000  # input hashes in one incremental check, half of them already embedded
 INDEX_CLUSTERS, INDEX_NOISE = 200, 0.7  # the HNSW store: points around centres (cosine ~0.8 to theirs), like real embeddings
 TOP_PROCESSES = 5  # the largest processes named at a memory peak
+# seconds between memory samples while a throughput is timed: a sample reads every process's smaps_rollup, ~3 ms
+# each for Ray's workers (they map the whole object store), which at 0.2 s took a third of a core from the pipeline
+THROUGHPUT_SAMPLING = 1.0
 WORDS = (
     "the a small large red blue green old new quiet bright dark cold warm river city train station morning evening "
     "night dog cat bird child woman man house garden road bridge market window door table coffee tea bread apple "
@@ -402,7 +405,7 @@ def pipeline(dataset: Path, root: Path, modality: str, model: str, dtype: str, a
                  "threads_per_actor": threads, "device": "auto"}
     if batch:
         overrides["batch_size"] = {modality: batch}
-    with PeakMemory() as memory:
+    with PeakMemory(interval=THROUGHPUT_SAMPLING) as memory:
         record = run_job(config.load(None, overrides), log=io.StringIO())
     counts = record["counts"][f"{modality}/{model}"]
     if counts["errored"]:

@@ -16,12 +16,13 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from encoders.model import Options
 
 from .errors import ResourceError
-from .sources import Inventory, load_rows, of_modality
-from .stages import EmbedBatch, preprocess, skip_done, write_shard
+from .sinks import write_shard
+from .sources import Inventory, load_rows, of_modality, skip_done
+from .stages import EmbedBatch, preprocess
 
 
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
-FREE_CPUS = 1.0  # per node, what the encoder actors leave to the tasks: Ray Data's file listing takes a whole CPU
+FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
 INFLIGHT_BYTES_PER_NODE = 1 << 30  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
 
@@ -57,6 +58,10 @@ def start(address: str | None = None) -> None:
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes()))
     ctx.print_on_execution_start = False
+    # Ray Data's Parquet reader V2 lists files in a task that takes a whole CPU and reads footers in up to 32
+    # new actor processes per pipeline: seconds of CPU before a batch moves (a 10-item job: 6 of its 22 workers).
+    # V1 reads the footers of our few, large files in the driver.
+    ctx.use_datasource_v2 = False
     # a bounded light step (see `dataset`) over fewer inputs than its bound is expected, not a mistake
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 
@@ -74,8 +79,8 @@ def actor_resources(actors: int, gpu: bool) -> dict[str, float]:
     """What each of a pool's `actors` encoder actors reserves.
 
     CPU: one at most, and together no more than all but one CPU of each node, so however Ray places
-    them some node keeps a whole CPU for the read/preprocess/write tasks (Ray Data's file listing
-    takes a whole one; a pool holding every CPU stalls the job). On one-CPU nodes the actors reserve
+    them some node keeps a whole CPU for the decoding tasks (a pool holding every CPU stalls the job,
+    waiting for input no task can make). On one-CPU nodes the actors reserve
     none and share the CPU with the tasks. GPU: one each, or an equal share when there are more actors."""
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
     gpus = ray.cluster_resources().get("GPU", 0)

@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from storage.store import duckdb_connection
+from storage.store import duckdb_connection, row_key
 
 from .errors import SourceError
 
@@ -179,3 +179,13 @@ def load_rows(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray
     out["content_hash"] = np.array([sha256(b) for b in data], dtype=object)
     out["read_error"] = np.array(errors, dtype=object)
     return out
+
+
+def skip_done(batch: dict[str, np.ndarray], done: np.ndarray) -> dict[str, np.ndarray]:
+    """Drop the rows whose key is in `done` (sorted S32 row keys: what the store already holds)."""
+    if len(done) == 0 or len(batch["id"]) == 0:
+        return batch
+    keys = np.array([row_key(s, i, h) for s, i, h in zip(batch["source"], batch["id"], batch["content_hash"])], dtype="S32")
+    at = np.minimum(np.searchsorted(done, keys), len(done) - 1)
+    new = done[at] != keys
+    return {k: v[new] for k, v in batch.items()}

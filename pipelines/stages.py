@@ -1,9 +1,9 @@
-"""The per-batch work of an embedding pipeline, as plain functions and one callable class.
+"""The model's part of an embedding pipeline: `preprocess` (CPU task) -> `EmbedBatch` (encoder actor).
 
-Each maps a batch dict of numpy arrays to a batch dict and is testable without Ray:
-`preprocess` (CPU task) -> `EmbedBatch` (encoder actor) -> `write_shard` (CPU task).
-A row that fails at any stage keeps going with `error_*` set, so the writer can put it in
-the errors table: no row is ever dropped.
+Each maps a batch dict of numpy arrays to a batch dict and is testable without Ray. A row
+that fails keeps going with `error_*` set, so the writer (`sinks.write_shard`) can put it in
+the errors table: no row is ever dropped. Only these steps import torch; the read and write
+steps (`sources`, `sinks`) do not, so their worker processes start in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -11,17 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 
 from encoders.model import Encoder, Options
 from encoders.registry import load_encoder
-from storage.schema import ERROR_SCHEMA, embedding_schema
-from storage.store import Store, row_key
 
-ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
+from .sinks import ERROR_COLUMNS
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,16 +42,6 @@ def _unpack(features: bytes, shape) -> np.ndarray | str:
     if len(shape) == 0:
         return features.decode("utf-8")
     return np.frombuffer(features, dtype=np.float32).reshape(tuple(shape))
-
-
-def skip_done(batch: dict[str, np.ndarray], done: np.ndarray) -> dict[str, np.ndarray]:
-    """Drop the rows whose key is in `done` (sorted S32 row keys: what the store already holds)."""
-    if len(done) == 0 or len(batch["id"]) == 0:
-        return batch
-    keys = np.array([row_key(s, i, h) for s, i, h in zip(batch["source"], batch["id"], batch["content_hash"])], dtype="S32")
-    at = np.minimum(np.searchsorted(done, keys), len(done) - 1)
-    new = done[at] != keys
-    return {k: v[new] for k, v in batch.items()}
 
 
 def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options) -> dict[str, np.ndarray]:
@@ -122,62 +108,3 @@ class EmbedBatch:
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         out["encode_node"] = np.full(n, self.node, dtype=object)
         return out
-
-
-def write_shard(
-    batch: dict[str, np.ndarray], root: str, modality: str, model: str, digest: str, job_id: str, passthrough: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """Embedded rows -> one embeddings file, failed rows -> one errors file; returns one row per file."""
-    start = time.perf_counter()
-    store = Store(root)
-    failed = batch["error_type"] != ""
-    ok = ~failed
-    now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
-    files = []
-    if ok.any():
-        emb = np.ascontiguousarray(np.stack(list(batch["embedding"][ok])) if batch["embedding"].dtype == object else batch["embedding"][ok], dtype=np.float32)
-        dim = emb.shape[1]
-        extra = pa.table({c: pa.array(list(batch[c][ok])) for c in passthrough}) if passthrough else None
-        columns = {
-            "id": pa.array(list(batch["id"][ok]), pa.string()),
-            "uri": pa.array(list(batch["uri"][ok]), pa.string()),
-            "source": pa.array(list(batch["source"][ok]), pa.string()),
-            "content_hash": pa.array(list(batch["content_hash"][ok]), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
-            "model_digest": pa.array([digest] * int(ok.sum()), pa.string()),
-            "job_id": pa.array([job_id] * int(ok.sum()), pa.string()),
-            "created_at": pa.array([now.value] * int(ok.sum()), pa.timestamp("us", tz="UTC")),
-        }
-        if extra is not None:
-            columns.update({c: extra[c] for c in passthrough})
-        schema = embedding_schema(dim, extra.schema if extra is not None else None)
-        files.append(("embeddings", store.write_embeddings(modality, model, pa.table(columns, schema=schema)), int(ok.sum())))
-    if failed.any():
-        k = int(failed.sum())
-        errors = pa.table(
-            {
-                "id": list(batch["id"][failed]),
-                "uri": list(batch["uri"][failed]),
-                "source": list(batch["source"][failed]),
-                "content_hash": list(batch["content_hash"][failed]),
-                "model": [model] * k,
-                "stage": list(batch["error_stage"][failed]),
-                "error_type": list(batch["error_type"][failed]),
-                "message": list(batch["error_message"][failed]),
-                "job_id": [job_id] * k,
-                "created_at": pa.array([now.value] * k, pa.timestamp("us", tz="UTC")),
-            },
-            schema=ERROR_SCHEMA,
-        )
-        files.append(("errors", store.write_errors(modality, errors), k))
-    nodes = ",".join(sorted(set(batch["preprocess_node"]) | set(batch["encode_node"])))
-    write_s = time.perf_counter() - start
-    return {
-        "kind": np.array([f[0] for f in files], dtype=object),
-        "path": np.array([f[1] for f in files], dtype=object),
-        "rows": np.array([f[2] for f in files], dtype=np.int64),
-        "nodes": np.array([nodes] * len(files), dtype=object),
-        "preprocess_s": np.array([batch["preprocess_s"].sum() if i == 0 else 0.0 for i in range(len(files))]),
-        "encode_s": np.array([batch["encode_s"].sum() if i == 0 else 0.0 for i in range(len(files))]),
-        "write_s": np.array([write_s if i == 0 else 0.0 for i in range(len(files))]),
-    }

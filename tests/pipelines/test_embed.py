@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import ray
@@ -36,7 +39,7 @@ def test_threads_default_to_the_node_cpus_shared_by_a_pool(ray_session):
 
 def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session):
     """Once, every actor held a whole CPU, and a pool as large as the machine starved its own input:
-    Ray Data's file listing waited forever for a free CPU."""
+    the decoding tasks (and Ray Data's file listing, before the reader that needs none) waited forever for a CPU."""
     texts = [f"note number {i}" for i in range(12)]
     media = tmp_path / "media"
     media.mkdir()
@@ -68,11 +71,17 @@ def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session):
     while op is not None:
         steps[op.name] = op
         op = op.input_dependencies[0] if op.input_dependencies else None
-    # the one listing task runs before anything else (FREE_CPUS keeps a CPU for it); the column
-    # selection is pushed into the read
-    tasks = {name: op for name, op in steps.items() if name not in ("ListFiles", "Project")}
+    # the column selection is pushed into the read
+    tasks = {name: op for name, op in steps.items() if name != "Project"}
     reserving = {name for name, op in tasks.items() if op.ray_remote_args.get("num_cpus", 1) != 0}
     assert reserving == {"MapBatches(load_rows)", "MapBatches(skip_done)", "MapBatches(preprocess)", "MapBatches(EmbedBatch)"}, tasks
     light = [op for name, op in tasks.items() if name not in reserving]
     assert any(name.startswith("StreamingRepartition") for name in tasks) and len(light) == 4, "read, modality, repartition, write"
     assert all(op.compute.size == embed.light_tasks() for op in light), "reserving no CPU, they need a bound"
+    assert "ListFiles" not in steps, "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
+
+
+def test_the_read_and_write_steps_do_not_import_torch():
+    """Their workers start in a fraction of the time (importing torch takes a core-second): see `pipelines.stages`."""
+    code = "import sys, pipelines.sources, pipelines.sinks; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
