@@ -69,9 +69,9 @@ WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting (default 15), read when
 CHECK_BATCH = 20_000  # input hashes in one incremental check, half of them already embedded
 INDEX_CLUSTERS, INDEX_NOISE = 200, 0.7  # the HNSW store: points around centres (cosine ~0.8 to theirs), like real embeddings
 TOP_PROCESSES = 5  # the largest processes named at a memory peak
-# seconds between memory samples while a throughput is timed: a sample reads every process's smaps_rollup, ~3 ms
-# each for Ray's workers (they map the whole object store), which at 0.2 s took a third of a core from the pipeline
-THROUGHPUT_SAMPLING = 1.0
+# seconds between memory samples: a sample reads every process's smaps_rollup, ~3 ms each for Ray's workers (they
+# map the whole object store), so sampling every 0.2 s took a third of a core from the jobs it measured
+MEMORY_SAMPLING = 1.0
 WORDS = (
     "the a small large red blue green old new quiet bright dark cold warm river city train station morning evening "
     "night dog cat bird child woman man house garden road bridge market window door table coffee tea bread apple "
@@ -360,9 +360,9 @@ class PeakMemory:
     the libraries every worker maps, are split among them, so the sum counts each page once.
     """
 
-    METHOD = "sum of PSS (/proc/PID/smaps_rollup) over the process tree incl. Ray GCS, raylet and workers, sampled every 0.2 s"
+    METHOD = f"sum of PSS (/proc/PID/smaps_rollup) over the process tree incl. Ray GCS, raylet and workers, sampled every {MEMORY_SAMPLING:g} s"
 
-    def __init__(self, pid: int | None = None, interval: float = 0.2):
+    def __init__(self, pid: int | None = None, interval: float = MEMORY_SAMPLING):
         self.pid, self.interval = pid or os.getpid(), interval
         self.peak = 0
         self.at_peak: list[tuple[int, int]] = []  # (pid, bytes), largest first, at the peak sample
@@ -405,7 +405,7 @@ def pipeline(dataset: Path, root: Path, modality: str, model: str, dtype: str, a
                  "threads_per_actor": threads, "device": "auto"}
     if batch:
         overrides["batch_size"] = {modality: batch}
-    with PeakMemory(interval=THROUGHPUT_SAMPLING) as memory:
+    with PeakMemory() as memory:
         record = run_job(config.load(None, overrides), log=io.StringIO())
     counts = record["counts"][f"{modality}/{model}"]
     if counts["errored"]:

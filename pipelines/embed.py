@@ -24,7 +24,7 @@ from .stages import EmbedBatch, preprocess
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
 FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
-INFLIGHT_BYTES_PER_NODE = 1 << 30  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
+INFLIGHT_BYTES_PER_NODE = 512 << 20  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
 
 
 @dataclass(frozen=True)

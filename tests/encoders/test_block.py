@@ -1,0 +1,49 @@
+"""The shared layers: oneDNN linears that compute what F.linear computes, and models that build on
+the meta device without importing torch._dynamo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoders import block
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_linear_computes_what_f_linear_computes(dtype, tolerance):
+    torch.manual_seed(0)
+    layer = block.Linear(96, 160).to(dtype)
+    x = torch.randn(4, 7, 96, dtype=dtype)
+    with torch.inference_mode():
+        got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert got.shape == (4, 7, 160) and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
+
+
+def test_linear_trains():
+    """With gradients on, the layer runs F.linear: oneDNN's op has no backward."""
+    torch.manual_seed(0)
+    layer = block.Linear(8, 3, bias=False)
+    x = torch.randn(5, 8)
+    layer(x).square().sum().backward()
+    assert layer.weight.grad is not None and torch.allclose(layer.weight.grad, 2 * (x @ layer.weight.T).T @ x)
+
+
+def test_a_model_builds_on_the_meta_device_without_importing_dynamo():
+    """nn.init.normal_ and tensor arithmetic on meta tensors import torch._dynamo (~1.5 s of an actor's start)."""
+    code = """
+import sys, torch
+from encoders.bert import Bert, BertDims
+from encoders.clip import CLIP, CLIPDims
+with torch.device("meta"):
+    CLIP(CLIPDims(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=1, vision_heads=2, vision_mlp=128,
+                  context_length=8, vocab_size=50, text_width=32, text_layers=1, text_heads=2, text_mlp=64, eos_token_id=49))
+    Bert(BertDims(vocab_size=50, max_positions=16, width=32, layers=1, heads=2, mlp=64, type_vocab_size=2,
+                  layer_norm_eps=1e-12, activation="gelu", max_seq_length=16))
+print("torch._dynamo" in sys.modules)
+"""
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
