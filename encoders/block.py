@@ -26,6 +26,9 @@ class Embedding(nn.Embedding):
         super().__init__(num, width, _weight=normal(num, width, std=std))
 
 
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Linear(nn.Linear):
     """nn.Linear whose float32 inference on the CPU runs on oneDNN, the kernel Inductor uses: MKL's sgemm, which
     F.linear calls, takes its AVX2 path on AMD CPUs, and oneDNN ran these shapes 2.2x faster on an AVX-512 EPYC
@@ -36,9 +39,6 @@ class Linear(nn.Linear):
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and ONEDNN:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class LayerNorm(nn.LayerNorm):
