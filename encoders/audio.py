@@ -21,9 +21,9 @@ import math
 from functools import lru_cache
 
 import numpy as np
+import scipy.fft
 import soundfile as sf
 import soxr
-import torch
 
 from .errors import AudioValidationError
 
@@ -64,7 +64,7 @@ def decode(data: bytes) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def mel_filters(n_mels: int) -> torch.Tensor:
+def mel_filters(n_mels: int) -> np.ndarray:
     """(n_mels, N_FFT // 2 + 1) Slaney-style mel filterbank over 0-8 kHz, as transformers' `mel_filter_bank`."""
     f_sp = 200.0 / 3  # Slaney's mel scale: linear below 1 kHz, logarithmic above
     min_log_hz, min_log_mel, logstep = 1000.0, 15.0, math.log(6.4) / 27.0
@@ -81,7 +81,7 @@ def mel_filters(n_mels: int) -> torch.Tensor:
     down = -slopes[:, :-2] / np.diff(edges)[:-1]
     up = slopes[:, 2:] / np.diff(edges)[1:]
     weights = np.maximum(0.0, np.minimum(down, up)) * (2.0 / (edges[2:] - edges[:-2]))
-    return torch.from_numpy(weights.T.astype(np.float32))
+    return weights.T.astype(np.float32)
 
 
 def n_frames(n_samples: int, mode: str) -> int:
@@ -101,13 +101,22 @@ def log_mel(window: np.ndarray, n_mels: int, frames: int) -> np.ndarray:
     """
     n = len(window)
     size = min(N_SAMPLES, max(n + N_FFT, frames * HOP_LENGTH))
-    x = torch.zeros(size)
-    x[:n] = torch.from_numpy(window)
-    stft = torch.stft(x, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
-    power = (stft[:, :-1].abs() ** 2).contiguous()  # a strided matmul is several times slower
-    log_spec = (mel_filters(n_mels) @ power).clamp(min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec[:, :frames] + 4.0) / 4.0).numpy()
+    x = np.zeros(size, dtype=np.float32)
+    x[:n] = window
+    # the STFT of torch.stft / the extractor: centred frames (reflect padding), periodic Hann window, last frame dropped
+    padded = np.pad(x, N_FFT // 2, mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:-1]
+    spectrum = scipy.fft.rfft(windows * hann_window(), axis=1)  # single precision: numpy's is 8x slower here
+    power = spectrum.real**2 + spectrum.imag**2
+    log_spec = np.log10(np.maximum(mel_filters(n_mels) @ power.T, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec[:, :frames] + 4.0) / 4.0).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def hann_window() -> np.ndarray:
+    """(N_FFT,) float32 periodic Hann window, as torch.hann_window and the extractor's window_function."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
 def features(samples: np.ndarray, n_mels: int, mode: str) -> np.ndarray:

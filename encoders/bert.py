@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm
 from .errors import ConversionError
-from .model import Encoder, Item, Options
+from .model import MODALITIES, Encoder, Item, Options
 from .store import StoredModel, load_state
-from .text import TextTokenizer, check_text
+from .text import TextTokenizer
 
 POOLING = ("mean", "cls", "max")
 DEFAULT_MAX_SEQ_LENGTH = 512  # sentence-transformers' cap when a checkpoint sets none
@@ -83,12 +83,11 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 
 class BertEncoder(Encoder):
-    modalities = ("text",)
+    modalities = MODALITIES["bert"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
         self.dims = BertDims(**stored.config)
-        self.lowercase = bool(stored.preprocess.get("lowercase", False))
         self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.max_seq_length, self.dims.pad_id)
 
     def build(self, stored: StoredModel) -> nn.Module:
@@ -100,11 +99,6 @@ class BertEncoder(Encoder):
     @property
     def dim(self) -> int:
         return self.dims.width
-
-    def preprocess(self, modality: str, raw: bytes | str) -> Item:
-        self.check_modality(modality)
-        text = check_text(raw)
-        return text.lower() if self.lowercase else text
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)

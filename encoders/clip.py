@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from . import image
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
-from .model import Encoder, Item, Options
+from .model import MODALITIES, Encoder, Item, Options
 from .store import StoredModel, load_state
-from .text import TextTokenizer, check_text
+from .text import TextTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # transformers keeps OpenAI's original pooling (at the highest token id) for configs whose
@@ -152,7 +152,7 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class ClipEncoder(Encoder):
-    modalities = ("image", "text")
+    modalities = MODALITIES["clip"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
@@ -162,7 +162,6 @@ class ClipEncoder(Encoder):
             raise ModelLoadError(f"{name}: not a valid CLIP config: {e}") from None
         if stored.tokenizer is None:
             raise ModelLoadError(f"{name}: the CLIP store has no tokenizer")
-        self.image_config = dict(stored.preprocess)
         self.device = options.torch_device
         self.tokenizer = TextTokenizer(stored.tokenizer, self.dims.context_length)
 
@@ -180,12 +179,6 @@ class ClipEncoder(Encoder):
     def logit_scale(self) -> float:
         """What CLIP multiplies cosine similarities by before its zero-shot softmax."""
         return float(self.model.logit_scale.float().exp())
-
-    def preprocess(self, modality: str, raw: bytes | str) -> Item:
-        self.check_modality(modality)
-        if modality == "image":
-            return image.load(raw, **self.image_config)
-        return check_text(raw)
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import store
 from .errors import ModelLoadError
-from .model import Encoder, Options
+from .model import MODALITIES, Encoder, Inputs, Options
 
 KINDS = {"clip": "encoders.clip:ClipEncoder", "whisper": "encoders.whisper:WhisperEncoder", "bert": "encoders.bert:BertEncoder"}
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -72,18 +72,25 @@ def encoder_class(kind: str) -> type[Encoder]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_encoder(name: str, options: Options = Options(), weights: bool = True) -> Encoder:
-    """The model by name; `weights=False` reads only its settings and tokenizer, for preprocessing."""
-    path = resolve(name)
-    if weights:
-        stored = store.load(path)
-    else:
-        meta = store.read_meta(path)
-        stored = store.StoredModel(meta["kind"], meta["config"], {}, meta["preprocess"] or {}, meta["tokenizer"], meta.get("source"))
-    encoder = encoder_class(stored.kind)(Path(name).stem if name.endswith(".parquet") else name, stored, options)
-    if weights:
-        encoder.model  # build now, so a store missing or misshaping a tensor fails at load, naming it
+def short_name(name: str) -> str:
+    """A model name, or a store path's file stem."""
+    return Path(name).stem if name.endswith(".parquet") else name
+
+
+def load_encoder(name: str, options: Options = Options()) -> Encoder:
+    """The model by name, its network built (a store missing or misshaping a tensor fails here, naming it)."""
+    stored = store.load(resolve(name))
+    encoder = encoder_class(stored.kind)(short_name(name), stored, options)
+    encoder.model
     return encoder
+
+
+def load_inputs(name: str, options: Options = Options()) -> Inputs:
+    """The model's preprocessing alone, from its store's footer: no weights read, no torch imported."""
+    meta = store.read_meta(resolve(name))
+    if meta["kind"] not in MODALITIES:
+        raise ModelLoadError(f"unknown model kind {meta['kind']!r}")
+    return Inputs(short_name(name), meta["kind"], meta["preprocess"] or {}, options)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Row: `name`, `dtype`, `shape`, `data` (raw little-endian bytes), `sha256` of `data`.
 Footer key `mmembed`: JSON with `kind`, `config`, `preprocess` and `tokenizer` (the
 tokenizer.json text, or null). A model's digest is the sha256 over that JSON and every
-tensor checksum, so it changes whenever any weight or setting does.
+tensor checksum, so it changes whenever any weight or setting does. Reading the metadata or
+the digest needs no torch (preprocessing and the driver never import it); tensors do.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = pa.schema(
     [
@@ -70,6 +74,8 @@ def read_digest(path: str | Path) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().tobytes()
@@ -133,6 +139,8 @@ def load(path: str | Path) -> StoredModel:
 
 def _tensor(path: str | Path, name: str, dtype_name: str, shape: tuple[int, ...], checksum: str, blob: pa.Buffer) -> torch.Tensor:
     """One stored tensor, verified against its checksum and shape, in memory of its own."""
+    import torch
+
     if _sha(blob) != checksum:
         raise ModelLoadError(f"{path}: tensor '{name}' fails its checksum (the store is corrupt)")
     dtype = getattr(torch, dtype_name)

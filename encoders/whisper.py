@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import audio
 from .block import Block, LayerNorm
 from .errors import AudioValidationError, ConversionError, ModelLoadError
-from .model import Encoder, Item, Options
+from .model import MODALITIES, Encoder, Item, Options
 from .store import StoredModel, load_state
 
 
@@ -70,7 +70,7 @@ MAX_WINDOWS = 64  # 30 s windows per forward pass, so a batch holding hours of a
 
 
 class WhisperEncoder(Encoder):
-    modalities = ("audio",)
+    modalities = MODALITIES["whisper"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
@@ -86,13 +86,6 @@ class WhisperEncoder(Encoder):
     @property
     def dim(self) -> int:
         return self.dims.width
-
-    def preprocess(self, modality: str, raw: bytes | str) -> Item:
-        """Audio file bytes -> (n_mels, n_frames) float32 features in the options' audio mode."""
-        self.check_modality(modality)
-        if not isinstance(raw, (bytes, bytearray, memoryview)):
-            raise AudioValidationError(f"audio must be file bytes, not {type(raw).__name__}")
-        return audio.features(audio.decode(bytes(raw)), self.dims.n_mels, self.options.audio_mode)
 
     def _check(self, item: Item) -> np.ndarray:
         if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[0] != self.dims.n_mels:

@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from encoders import audio, image, registry
 from encoders import store as weight_store
 from encoders.model import Options
-from encoders.registry import load_encoder
+from encoders.registry import load_encoder, load_inputs
 from pipelines.embed import start as start_ray
 from pipelines.errors import ResourceError
 from storage.store import Store, duckdb_connection
@@ -485,17 +485,10 @@ def bare(model: str, modality: str, items: list, dtype: str, batch: int, reps: i
 
 def preprocess_costs(model: str, modality: str, items: list) -> dict[str, float]:
     """Milliseconds per item on one thread (as in a pipeline task): decoding, and the whole of `preprocess`."""
-    import torch
-
-    encoder = load_encoder(model, Options(device="cpu"))
+    inputs = load_inputs(model)
     decode = {"image": image.decode, "audio": audio.decode}.get(modality)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        decode_s = timed(lambda: [decode(raw) for raw in items])[0] if decode else 0.0
-        total_s = timed(lambda: [encoder.preprocess(modality, raw) for raw in items])[0]
-    finally:
-        torch.set_num_threads(threads)
+    decode_s = timed(lambda: [decode(raw) for raw in items])[0] if decode else 0.0
+    total_s = timed(lambda: [inputs(modality, raw) for raw in items])[0]
     return {"decode_ms": round(1000 * decode_s / len(items), 3), "preprocess_ms": round(1000 * total_s / len(items), 3)}
 
 

@@ -5,6 +5,7 @@ row per file) come back to the driver, which commits them."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the
 FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
 INFLIGHT_BYTES_PER_NODE = 512 << 20  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
+# Idle worker processes a local Ray keeps, per CPU (Ray's default: one). A pipeline's read, repartition and write
+# tasks reserve no CPU, so more of them run at once than there are CPUs; with the default, Ray killed the idle
+# ones after each pipeline and the next started new ones, each importing Ray Data and torch again (seconds of CPU).
+KEPT_WORKERS_PER_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class Target:
 def start(address: str | None = None) -> None:
     """Connect to Ray (an existing cluster at `address`, else a local instance) once per process."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+        starts = not (address or os.environ.get("RAY_ADDRESS"))  # a new local instance, not a cluster's (or a Ray job's)
+        settings = {"_system_config": {"num_workers_soft_limit": KEPT_WORKERS_PER_CPU * os.cpu_count()}} if starts else {}
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True, **settings)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
@@ -139,8 +146,9 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=tasks)}
     ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=tasks).select_columns(columns)
     ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="pyarrow", **light)
-    # Blocks of one preprocessing batch each (streaming): a whole file in one block would reach one actor.
-    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read), tasks)
+    # Blocks of exactly one preprocessing batch each (streaming): a whole file in one block would reach one actor,
+    # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...).
+    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read, strict=True), tasks)
     cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)

@@ -2,28 +2,28 @@
 
 Each maps a batch dict of numpy arrays to a batch dict and is testable without Ray. A row
 that fails keeps going with `error_*` set, so the writer (`sinks.write_shard`) can put it in
-the errors table: no row is ever dropped. Only these steps import torch; the read and write
-steps (`sources`, `sinks`) do not, so their worker processes start in a fraction of the time.
+the errors table: no row is ever dropped. Only the encoder actor imports torch; the
+preprocessing, read and write steps do not, so their worker processes start in a fraction
+of the time and memory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 
 import numpy as np
 
-from encoders.model import Encoder, Options
-from encoders.registry import load_encoder
+from encoders.model import Inputs, Options
+from encoders.registry import load_encoder, load_inputs
 
 from .sinks import ERROR_COLUMNS
 
 
 @functools.lru_cache(maxsize=4)
-def cpu_encoder(model: str, options: Options) -> Encoder:
-    """The model as a preprocessing task needs it (settings and tokenizer, no weights); once per worker process."""
-    return load_encoder(model, dataclasses.replace(options, device="cpu"), weights=False)
+def cpu_inputs(model: str, options: Options) -> Inputs:
+    """The model's preprocessing (its settings, no weights); once per worker process."""
+    return load_inputs(model, options)
 
 
 def node_id() -> str:
@@ -47,7 +47,7 @@ def _unpack(features: bytes, shape) -> np.ndarray | str:
 def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options) -> dict[str, np.ndarray]:
     """Raw bytes -> packed model inputs (`features`, `shape`); failures fill the error columns."""
     start = time.perf_counter()
-    encoder = cpu_encoder(model, options)
+    inputs = cpu_inputs(model, options)
     n = len(batch["id"])
     features, shapes = [b""] * n, [[] for _ in range(n)]
     errors = {c: np.full(n, "", dtype=object) for c in ERROR_COLUMNS}
@@ -55,7 +55,7 @@ def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options:
         try:
             if read_error:
                 raise OSError(read_error)
-            features[i], shapes[i] = _pack(encoder.preprocess(modality, data))
+            features[i], shapes[i] = _pack(inputs(modality, data))
         except Exception as e:  # any decoder failure is the row's, not the job's
             stage = "read" if read_error else "preprocess"
             errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = stage, type(e).__name__, str(e)

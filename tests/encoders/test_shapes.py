@@ -128,7 +128,7 @@ def test_contrastive_loss_with_one_positive_each_is_clips():
 
 
 def test_committed_model_uses_this_tokenizer_and_preprocessing(shapes_clip):
-    assert shapes_clip.image_config == PREPROCESS
+    assert shapes_clip.inputs.settings == PREPROCESS
     assert json.loads(shapes_clip.stored.tokenizer) == json.loads(shapes.build_tokenizer())
     dims = shapes_clip.dims
     assert (dims.image_size, dims.vocab_size) == (64, Tokenizer.from_str(shapes.build_tokenizer()).get_vocab_size())

@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 import ray
+import soundfile as sf
+from PIL import Image
 
 from encoders.model import Options
+from encoders import registry
 from encoders.registry import load_encoder
 from pipelines import embed, sources
 from pipelines.errors import ResourceError
@@ -81,7 +84,25 @@ def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session):
     assert "ListFiles" not in steps, "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
 
 
-def test_the_read_and_write_steps_do_not_import_torch():
-    """Their workers start in a fraction of the time (importing torch takes a core-second): see `pipelines.stages`."""
-    code = "import sys, pipelines.sources, pipelines.sinks; print('torch' in sys.modules)"
+def test_only_the_encoder_actor_imports_torch(tmp_path):
+    """The driver and the read, preprocessing and write workers start in a fraction of the time (importing torch
+    takes a core-second) and memory: see `pipelines.stages`. Preprocessing each modality leaves torch unloaded."""
+    image, clip, text = (tmp_path / "a.png"), (tmp_path / "a.wav"), "a short text"
+    for model in ("whisper-tiny.en", "minilm-l6"):
+        registry.resolve(model)  # a packaged model's first use converts it, with torch
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    sf.write(clip, np.zeros(16000, dtype=np.float32), 16000)
+    code = f"""
+import sys
+import numpy as np
+import jobs.cli, pipelines.embed, pipelines.sources, pipelines.sinks
+from encoders.model import Options
+from pipelines.stages import preprocess
+for model, modality, raw in [("shapes-clip", "image", {image.read_bytes()!r}), ("whisper-tiny.en", "audio", {clip.read_bytes()!r}),
+                             ("minilm-l6", "text", {text!r}), ("shapes-clip", "text", {text!r})]:
+    batch = {{"id": np.array(["x"]), "data": np.array([raw, None], dtype=object)[:1], "read_error": np.array([""])}}
+    out = preprocess(batch, model, modality, Options())
+    assert out["error_type"][0] == "", out["error_message"][0]
+print("torch" in sys.modules)
+"""
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
