@@ -29,14 +29,19 @@ class Embedding(nn.Embedding):
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn(x: Tensor) -> bool:
+    """Whether `x` goes through inference on the CPU in fp32 or bf16, where oneDNN's fused linear applies. With
+    gradients on (training) layers stay on F.linear, as oneDNN's op has no backward."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+
+
 class Linear(nn.Linear):
     """nn.Linear whose float32 inference on the CPU runs on oneDNN, the kernel Inductor uses: MKL's sgemm, which
     F.linear calls, takes its AVX2 path on AMD CPUs, and oneDNN ran these shapes 2.2x faster on an AVX-512 EPYC
-    at the same precision (BENCHMARKS.md). bf16 already runs on oneDNN; with gradients on (training) it stays
-    F.linear, as oneDNN's op has no backward."""
+    at the same precision (BENCHMARKS.md). bf16 already runs on oneDNN."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and ONEDNN:
+        if x.dtype == torch.float32 and onednn(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -60,6 +65,9 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
+# oneDNN post-ops (attr, algorithm) that apply an activation inside fc1's matmul, sparing passes over its output,
+# the widest tensor of a block (BENCHMARKS.md). quick_gelu has none (oneDNN's swish takes no 1.702 here).
+POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh")}
 
 
 class Attention(nn.Module):
@@ -85,9 +93,16 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(width, hidden)
         self.fc2 = Linear(hidden, width)
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
+        if onednn(x) and self.activation in POST_OPS:
+            attr, algorithm = POST_OPS[self.activation]
+            return self.fc2(torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, attr, [], algorithm))
+        if onednn(x) and self.activation == "quick_gelu":
+            h = self.fc1(x)
+            return self.fc2(h.mul_((h * 1.702).sigmoid_()))  # in place: one new tensor, not three
         return self.fc2(self.act(self.fc1(x)))
 
 

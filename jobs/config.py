@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class BatchSizes:
     preprocess: int = 64
-    image: int = 64
+    image: int = 16
     audio: int = 16
     text: int = 256
     write: int = 2000

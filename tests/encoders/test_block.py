@@ -1,5 +1,5 @@
-"""The shared layers: oneDNN linears that compute what F.linear computes, and models that build on
-the meta device without importing torch._dynamo."""
+"""The shared layers: oneDNN linears and MLPs that compute what F.linear and the plain activations
+compute, and models that build on the meta device without importing torch._dynamo."""
 
 from __future__ import annotations
 
@@ -31,6 +31,22 @@ def test_linear_trains():
     x = torch.randn(5, 8)
     layer(x).square().sum().backward()
     assert layer.weight.grad is not None and torch.allclose(layer.weight.grad, 2 * (x @ layer.weight.T).T @ x)
+
+
+@pytest.mark.parametrize("activation", sorted(block.ACTIVATIONS))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_mlp_inference_computes_what_training_computes(activation, dtype, tolerance):
+    """In inference the activation runs inside fc1's oneDNN matmul (gelu) or in place (quick_gelu); the result is
+    the plain fc2(act(fc1(x))) that training runs, and the input is left as it was."""
+    torch.manual_seed(0)
+    mlp = block.MLP(64, 256, activation).to(dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    before = x.clone()
+    want = mlp(x).detach()  # gradients on: the unfused layers
+    with torch.inference_mode():
+        got = mlp(x)
+    assert got.shape == (3, 5, 64) and got.dtype == dtype and torch.equal(x, before)
+    assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
 
 
 def test_a_model_builds_on_the_meta_device_without_importing_dynamo():
