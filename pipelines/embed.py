@@ -26,10 +26,11 @@ TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the
 FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
 INFLIGHT_BYTES_PER_NODE = 512 << 20  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
-# Idle worker processes a local Ray keeps, per CPU (Ray's default: one). A pipeline's read, repartition and write
-# tasks reserve no CPU, so more of them run at once than there are CPUs; with the default, Ray killed the idle
-# ones after each pipeline and the next started new ones, each importing Ray Data and torch again (seconds of CPU).
-KEPT_WORKERS_PER_CPU = 4
+# How long a local Ray keeps an idle worker process beyond one per CPU (Ray's default: 1 s). A pipeline's read,
+# repartition and write tasks reserve no CPU, so more of them run at once than there are CPUs; Ray killed the
+# spares as soon as a pipeline ended, and the next one started new processes (seconds of CPU each). Not forever:
+# an idle worker polls ~1% of a core, which a long job's encoder would lose.
+IDLE_WORKER_S = 30
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def start(address: str | None = None) -> None:
     """Connect to Ray (an existing cluster at `address`, else a local instance) once per process."""
     if not ray.is_initialized():
         starts = not (address or os.environ.get("RAY_ADDRESS"))  # a new local instance, not a cluster's (or a Ray job's)
-        settings = {"_system_config": {"num_workers_soft_limit": KEPT_WORKERS_PER_CPU * os.cpu_count()}} if starts else {}
+        settings = {"_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000}} if starts else {}
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True, **settings)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
