@@ -27,12 +27,13 @@ class Embedding(nn.Embedding):
 
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def onednn(x: Tensor) -> bool:
     """Whether `x` goes through inference on the CPU in fp32 or bf16, where oneDNN's fused linear applies. With
     gradients on (training) layers stay on F.linear, as oneDNN's op has no backward."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+    return ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
 
 
 class Linear(nn.Linear):

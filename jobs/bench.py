@@ -484,7 +484,7 @@ def bare(model: str, modality: str, items: list, dtype: str, batch: int, reps: i
 
 
 def preprocess_costs(model: str, modality: str, items: list) -> dict[str, float]:
-    """Milliseconds per item on one thread (as in a pipeline task): decoding, and the whole of `preprocess`."""
+    """Milliseconds per item in the bench process, as a pipeline task runs it: decoding, and the whole of `preprocess`."""
     inputs = load_inputs(model)
     decode = {"image": image.decode, "audio": audio.decode}.get(modality)
     decode_s = timed(lambda: [decode(raw) for raw in items])[0] if decode else 0.0

@@ -97,14 +97,15 @@ def _report(record: dict, as_json: bool) -> None:
 
 
 def backfill(args: argparse.Namespace) -> int:
-    from encoders.registry import resolve, encoder_class
+    from encoders.model import MODALITIES
+    from encoders.registry import resolve
     from encoders.store import read_meta
     from storage.query import recorded_inputs
 
     from .run import run_job
 
     kind = read_meta(resolve(args.model))["kind"]
-    modalities = [args.modality] if args.modality else list(encoder_class(kind).modalities)
+    modalities = [args.modality] if args.modality else list(MODALITIES[kind])
     inputs = sorted({src for m in modalities for src in recorded_inputs(args.root, m)})
     if not inputs:
         raise QueryError(f"{args.root} has no recorded {'/'.join(modalities)} inputs to backfill")

@@ -5,7 +5,6 @@ row per file) come back to the driver, which commits them."""
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,9 +56,13 @@ class Target:
 def start(address: str | None = None) -> None:
     """Connect to Ray (an existing cluster at `address`, else a local instance) once per process."""
     if not ray.is_initialized():
-        starts = not (address or os.environ.get("RAY_ADDRESS"))  # a new local instance, not a cluster's (or a Ray job's)
-        settings = {"_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000}} if starts else {}
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True, **settings)
+        init = {"address": address, "include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
+        try:
+            ray.init(**init, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
+        except ValueError as e:  # joining a running cluster (--address, RAY_ADDRESS, `ray start` here): it keeps its settings
+            if "_system_config" not in str(e):
+                raise
+            ray.init(**init)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
