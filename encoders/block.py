@@ -57,8 +57,11 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
+QUICK_GELU = 1.702  # quick_gelu(x) = x * sigmoid(1.702 x)
+
+
 def quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU * x)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -103,7 +106,7 @@ class MLP(nn.Module):
             return self.fc2(torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, attr, [], algorithm))
         if onednn(x) and self.activation == "quick_gelu":
             h = self.fc1(x)
-            return self.fc2(h.mul_((h * 1.702).sigmoid_()))  # in place: one new tensor, not three
+            return self.fc2(h.mul_((h * QUICK_GELU).sigmoid_()))  # in place: one new tensor, not three
         return self.fc2(self.act(self.fc1(x)))
 
 
