@@ -53,9 +53,11 @@ class Target:
     done: np.ndarray  # sorted S32 row keys (`storage.store.row_key`): rows to skip
 
 
-def start(address: str | None = None) -> None:
-    """Connect to Ray (an existing cluster at `address`, else a local instance) once per process."""
-    if not ray.is_initialized():
+def start(address: str | None = None) -> bool:
+    """Connect to Ray (an existing cluster at `address`, else a local instance) once per process; -> whether this
+    call connected (False: already connected)."""
+    connected = not ray.is_initialized()
+    if connected:
         init = {"address": address, "include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
         try:
             ray.init(**init, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
@@ -75,6 +77,12 @@ def start(address: str | None = None) -> None:
     ctx.use_datasource_v2 = False
     # a bounded light step (see `dataset`) over fewer inputs than its bound is expected, not a mistake
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    return connected
+
+
+def stop() -> None:
+    """Disconnect from Ray (a local instance shuts down with its workers)."""
+    ray.shutdown()
 
 
 def nodes() -> list[str]:
@@ -105,8 +113,10 @@ def actor_resources(actors: int, gpu: bool) -> dict[str, float]:
 
 
 def light_tasks() -> int:
-    """How many read or write tasks of a pipeline may run at once: reserving no CPU, they need a bound."""
-    return 2 * len(nodes())
+    """How many read, repartition or write tasks of a pipeline may run at once: reserving no CPU, they need a
+    bound. One per node: each task running at once takes a worker process of its own (~2 core-s to start), and
+    they are light enough that one keeps up."""
+    return len(nodes())
 
 
 def bounded(ds: ray.data.Dataset, tasks: int) -> ray.data.Dataset:
@@ -148,15 +158,22 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     # holding the CPU the preprocessing needs stalled the job for good (seen: a 20k-image job on 2 CPUs).
     tasks = light_tasks()
     light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=tasks)}
-    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=tasks).select_columns(columns)
+    # One read task per file, not split further: a read whose blocks are split (to reach Ray Data's 200-block
+    # parallelism target) is never fused with the step after it, and the modality filter then ran as tasks of
+    # its own in processes of its own (a 10-item job: 3 worker processes for tasks instead of 1, ~6 core-s).
+    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=tasks,
+                               override_num_blocks=len(inventory.files)).select_columns(columns)
     ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="pyarrow", **light)
     # Blocks of exactly one preprocessing batch each (streaming): a whole file in one block would reach one actor,
-    # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...).
-    ds = bounded(ds.repartition(target_num_rows_per_block=sizes.read, strict=True), tasks)
-    cpu_task = {"batch_size": sizes.read, "batch_format": "numpy", "num_cpus": TASK_CPUS}
+    # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...). At least
+    # one encoder batch: text's 256 in blocks of 64 made 4x the tasks for the driver to schedule, beside the encoder.
+    block = max(sizes.read, target.encode_batch)
+    ds = bounded(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
+    cpu_task = {"batch_size": block, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
-    ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options}, **cpu_task)
+    ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},
+                        **cpu_task)
     ds = ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"model": model, "modality": modality, "options": options, "threads": actor_threads(sizes, gpu)},

@@ -10,7 +10,9 @@ of the time and memory.
 from __future__ import annotations
 
 import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,9 +46,27 @@ def _unpack(features: bytes, shape) -> np.ndarray | str:
     return np.frombuffer(features, dtype=np.float32).reshape(tuple(shape))
 
 
-def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options) -> dict[str, np.ndarray]:
-    """Raw bytes -> packed model inputs (`features`, `shape`); failures fill the error columns."""
-    start = time.perf_counter()
+def _lowest_priority() -> None:
+    if hasattr(os, "SCHED_IDLE"):  # Linux; per thread, and an unprivileged thread cannot take it back
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+@functools.cache
+def idle_thread() -> ThreadPoolExecutor:
+    """This process's one thread at the lowest CPU priority (Linux SCHED_IDLE): work there runs only on CPU
+    time nothing else wants. Decoding beside a CPU encoder at equal priority cut a 2-thread encoder's speed by more than half: its
+    OpenMP threads wait at every barrier for the one the decoder preempted (BENCHMARKS.md)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="idle-priority", initializer=_lowest_priority)
+
+
+def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options, yield_cpu: bool = False) -> dict[str, np.ndarray]:
+    """Raw bytes -> packed model inputs (`features`, `shape`); failures fill the error columns.
+
+    yield_cpu: run in `idle_thread`, for encoders on the same CPUs (they are the pipeline's bottleneck, and
+    decoding keeps up on what they leave)."""
+    if yield_cpu:
+        return idle_thread().submit(preprocess, batch, model, modality, options).result()
+    start = time.thread_time()  # CPU seconds: at idle priority, the wall time also counts the waits for a CPU
     inputs = cpu_inputs(model, options)
     n = len(batch["id"])
     features, shapes = [b""] * n, [[] for _ in range(n)]
@@ -63,7 +83,7 @@ def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options:
     out["features"] = np.array(features + [b""], dtype=object)[:n]
     out["shape"] = np.array(shapes + [None], dtype=object)[:n]
     out.update(errors)
-    out["preprocess_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+    out["preprocess_s"] = np.full(n, (time.thread_time() - start) / max(n, 1))
     out["preprocess_node"] = np.full(n, node_id(), dtype=object)
     return out
 

@@ -84,6 +84,46 @@ def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session):
     assert "ListFiles" not in steps, "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
 
 
+def test_the_read_and_the_modality_filter_run_as_one_task(tmp_path, ray_session):
+    """A read split into more blocks than files is never fused with the next step (Ray Data 2.60), and every
+    step of its own runs in worker processes of its own: seconds of CPU each to start."""
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.txt").write_text("a note")
+    inventory = sources.open_input(str(media), str(tmp_path / "staging"))
+    target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
+    ds = embed.dataset(inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1")
+    names, op = [], get_execution_plan(ds._logical_plan)[0].dag
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert names[::-1][1:] == ["ReadParquet->MapBatches(of_modality)", "StreamingRepartition[num_rows_per_block=4,strict=True]",
+                              "MapBatches(load_rows)->MapBatches(skip_done)->MapBatches(preprocess)", "MapBatches(EmbedBatch)",
+                              "MapBatches(write_shard)"]
+
+
+def test_cpu_encoders_get_idle_priority_preprocessing_and_whole_encoder_batches(tmp_path, ray_session, monkeypatch):
+    """Beside an encoder on the same CPUs, preprocessing runs at idle priority (`stages.idle_thread`); beside a
+    GPU encoder it is the bottleneck and runs as usual. Blocks hold at least one encoder batch."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.txt").write_text("a note")
+    inventory = sources.open_input(str(media), str(tmp_path / "staging"))
+    monkeypatch.setattr(embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1, "num_gpus": int(gpu)})  # no GPU here
+    for device, encode_batch, yielding, block in (("cpu", 256, True, 256), ("cpu", 16, True, 64), ("cuda", 16, False, 64)):
+        target = embed.Target("text", "minilm-l6", "digest", encode_batch, np.empty(0, dtype="S32"))
+        ds = embed.dataset(inventory, target, Options(device=device), embed.StageSizes(64, 100, actors=1), str(tmp_path / "s"), "job1")
+        steps, op = {}, ds._logical_plan.dag
+        while op is not None:
+            steps[op.name.split("[")[0]] = op
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        assert steps["MapBatches(preprocess)"].fn_kwargs["yield_cpu"] is yielding, device
+        assert steps["StreamingRepartition"].target_num_rows_per_block == block
+        assert steps["MapBatches(preprocess)"].batch_size == block
+
+
 def test_only_the_encoder_actor_imports_torch(tmp_path):
     """The driver and the read, preprocessing and write workers start in a fraction of the time (importing torch
     takes a core-second) and memory: see `pipelines.stages`. Preprocessing each modality leaves torch unloaded."""

@@ -1,0 +1,43 @@
+"""The model's steps of a pipeline, on plain batches without Ray: preprocessing at idle priority."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoders.model import Options
+from pipelines import stages
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def batch() -> dict[str, np.ndarray]:
+    data = [png((200, 30, 30)), b"not an image", png((10, 200, 90)), None]
+    return {"id": np.array(["a", "b", "c", "d"]), "data": np.array(data, dtype=object),
+            "read_error": np.array(["", "", "", "cannot read d"])}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_idle_thread_runs_at_idle_priority_and_leaves_the_caller_alone():
+    assert stages.idle_thread().submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
+    assert stages.idle_thread().submit(threading.get_ident).result() != threading.get_ident()
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE, "the task's own thread (a pooled Ray worker's) keeps its policy"
+
+
+def test_preprocessing_at_idle_priority_gives_the_same_rows():
+    here = stages.preprocess(batch(), "shapes-clip", "image", Options())
+    idle = stages.preprocess(batch(), "shapes-clip", "image", Options(), yield_cpu=True)
+    assert list(idle["error_type"]) == list(here["error_type"]) == ["", "ImageValidationError", "", "OSError"]
+    assert list(idle["error_stage"]) == ["", "preprocess", "", "read"]
+    assert list(idle["features"]) == list(here["features"]) and list(idle["shape"]) == list(here["shape"])
+    assert list(idle["shape"][[0, 2]]) == [[3, 64, 64], [3, 64, 64]]
+    assert (idle["preprocess_s"] > 0).all(), "CPU seconds of the thread that did the work"
