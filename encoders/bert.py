@@ -26,7 +26,7 @@ from .text import TextTokenizer
 
 POOLING = ("mean", "cls", "max")
 DEFAULT_MAX_SEQ_LENGTH = 512  # sentence-transformers' cap when a checkpoint sets none
-CHUNK = 128  # texts per forward pass; a large batch is sorted by length first so each chunk pads little
+CHUNK = 64  # texts per forward pass; a large batch is sorted by length first so each chunk pads little (64: 3-11% faster than 128)
 
 
 @dataclass(frozen=True)
