@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -139,13 +140,28 @@ def test_write_dataset_is_raw_media_parquet(tmp_path):
     assert bench.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(bench.read_items(dataset)) == 6, "kept, not rebuilt"
 
 
-def test_peak_memory_counts_child_processes():
-    child = "import numpy, time; a = numpy.ones(40_000_000); time.sleep(1.5)"  # 320 MB
+def test_peak_memory_counts_child_processes_and_shared_memory_once():
+    private = "import numpy, time; a = numpy.ones(40_000_000); time.sleep(1.5)"  # 320 MB
+    # 200 MB of shared memory (as in Ray's object store), mapped by this child and a grandchild
+    shared = f"""
+import mmap, os, subprocess, sys
+path = "/dev/shm/mmembed-test-{os.getpid()}"
+with open(path, "wb+") as f:
+    f.truncate(200_000_000)
+    m = mmap.mmap(f.fileno(), 0)
+    m[::4096] = b"x" * len(range(0, len(m), 4096))  # every page, without a private copy
+    reader = "import mmap, time; f = open(%r, 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); m[::4096]; time.sleep(1.5)"
+    subprocess.run([sys.executable, "-c", reader % path], check=True)
+os.unlink(path)
+"""
     with bench.PeakMemory(interval=0.05) as before:
         pass
     with bench.PeakMemory(interval=0.05) as during:
-        subprocess.run([sys.executable, "-c", child], check=True)
+        subprocess.run([sys.executable, "-c", private], check=True)
     assert during.peak - before.peak > 250 * 2**20
+    with bench.PeakMemory(interval=0.05) as during:
+        subprocess.run([sys.executable, "-c", shared], check=True)
+    assert 190e6 < during.peak - before.peak < 300e6, "counted once, not once per process that maps it"
 
 
 def test_arguments():
