@@ -9,6 +9,7 @@ never load it (~1.3 s of CPU and ~200 MB each).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     import torch
 
     from .store import StoredModel
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 AUDIO_MODES = ("trimmed", "padded")
@@ -107,6 +110,11 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
+        from .block import cpu_computes
+
+        if self.options.torch_device.type == "cpu" and not cpu_computes(self.options.torch_dtype):
+            log.warning(f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
+                        "expect it several times slower than float32")
         return self.build(self.stored)
 
     @abstractmethod

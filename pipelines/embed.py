@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
@@ -18,7 +18,7 @@ from encoders.model import Options
 from .errors import ResourceError
 from .sinks import write_shard
 from .sources import Inventory, load_rows, of_modality, skip_done
-from .stages import EmbedBatch, preprocess
+from .stages import EmbedBatch, embed_in_task, preprocess
 
 
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
@@ -140,6 +140,17 @@ def actor_threads(sizes: StageSizes, gpu: bool) -> int:
     return max(1, int(node_cpus // sizes.actors))
 
 
+def one_call(inventory: Inventory, target: Target, gpu: bool) -> bool:
+    """Whether the target's rows fit one encoder call, which a CPU task then makes instead of an actor pool.
+
+    An actor is a worker process of its own that imports Ray Data and torch (~3 core-s) before its model loads;
+    for one call, a task runs in a worker process the pipeline's earlier steps have started, where Ray Data (and,
+    after the job's first such target, torch) is imported already: small incremental jobs, a few new items per
+    model, are mostly this start-up (BENCHMARKS.md). Not on GPUs: a reused worker keeps the CUDA device it first
+    saw, whichever GPU Ray gives its next task."""
+    return not gpu and inventory.counts.get(target.modality, 0) <= target.encode_batch
+
+
 def stream(inventory: Inventory, target: Target, options: Options, sizes: StageSizes, root: str, job_id: str,
            passthrough: tuple[str, ...] = ()) -> Iterator[dict]:
     """Run the target's pipeline over the input rows it has not done yet; yields one dict per written
@@ -174,14 +185,15 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
     ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},
                         **cpu_task)
-    ds = ds.map_batches(
-        EmbedBatch,
-        fn_constructor_kwargs={"model": model, "modality": modality, "options": options, "threads": actor_threads(sizes, gpu)},
-        compute=ActorPoolStrategy(size=sizes.actors),
-        batch_size=target.encode_batch,
-        **actor_resources(sizes.actors, gpu),
-        batch_format="numpy",
-    )
+    encoder = {"model": model, "modality": modality, "options": options}
+    pool = actor_resources(sizes.actors, gpu)  # checked whatever the input's size
+    encode = {"batch_size": target.encode_batch, "batch_format": "numpy"}
+    if one_call(inventory, target, gpu):
+        ds = ds.map_batches(embed_in_task, fn_kwargs=encoder | {"threads": actor_threads(replace(sizes, actors=1), gpu)},
+                            **actor_resources(1, gpu), **encode)
+    else:
+        ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs=encoder | {"threads": actor_threads(sizes, gpu)},
+                            compute=ActorPoolStrategy(size=sizes.actors), **pool, **encode)
     return ds.map_batches(
         write_shard,
         fn_kwargs={"root": root, "modality": modality, "model": model, "digest": target.digest, "job_id": job_id,

@@ -1,4 +1,5 @@
-"""The model's part of an embedding pipeline: `preprocess` (CPU task) -> `EmbedBatch` (encoder actor).
+"""The model's part of an embedding pipeline: `preprocess` (CPU task) -> `EmbedBatch` (encoder actor, or
+`embed_in_task` for an input of one encoder call).
 
 Each maps a batch dict of numpy arrays to a batch dict and is testable without Ray. A row
 that fails keeps going with `error_*` set, so the writer (`sinks.write_shard`) can put it in
@@ -128,3 +129,8 @@ class EmbedBatch:
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         out["encode_node"] = np.full(n, self.node, dtype=object)
         return out
+
+
+def embed_in_task(batch: dict[str, np.ndarray], model: str, modality: str, options: Options, threads: int = 0) -> dict[str, np.ndarray]:
+    """`EmbedBatch` for a single call, in a task (see `pipelines.embed.one_call`); the model is not kept after it."""
+    return EmbedBatch(model, modality, options, threads)(batch)

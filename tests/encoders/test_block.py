@@ -63,3 +63,20 @@ with torch.device("meta"):
 print("torch._dynamo" in sys.modules)
 """
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch, caplog):
+    """bf16 or fp16 without the CPU's instructions for them runs 4-7x slower than float32: a user asking for
+    either is told once, when the network is built, not left to wonder."""
+    from encoders.model import Options
+    from encoders.registry import load_encoder
+
+    assert block.cpu_computes(torch.float32)
+    assert block.cpu_computes(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(block, "cpu_computes", lambda dtype: dtype == torch.float32)
+    with caplog.at_level("WARNING", logger="encoders.model"):
+        load_encoder("minilm-l6", Options(device="cpu"))
+        assert not caplog.records
+        load_encoder("minilm-l6", Options(device="cpu", dtype="bfloat16"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "minilm-l6: this CPU has no bfloat16 instructions, so PyTorch emulates them: expect it several times slower than float32"]

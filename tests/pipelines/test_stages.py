@@ -41,3 +41,13 @@ def test_preprocessing_at_idle_priority_gives_the_same_rows():
     assert list(idle["features"]) == list(here["features"]) and list(idle["shape"]) == list(here["shape"])
     assert list(idle["shape"][[0, 2]]) == [[3, 64, 64], [3, 64, 64]]
     assert (idle["preprocess_s"] > 0).all(), "CPU seconds of the thread that did the work"
+
+
+def test_the_one_call_task_embeds_what_the_actor_embeds_and_keeps_every_row():
+    ready = stages.preprocess(batch(), "shapes-clip", "image", Options())
+    in_task = stages.embed_in_task(dict(ready), "shapes-clip", "image", Options(device="cpu"))
+    in_actor = stages.EmbedBatch("shapes-clip", "image", Options(device="cpu"))(dict(ready))
+    assert list(in_task["id"]) == ["a", "b", "c", "d"] and list(in_task["error_type"]) == list(ready["error_type"])
+    assert np.array_equal(in_task["embedding"], in_actor["embedding"])
+    good = in_task["embedding"][[0, 2]]
+    assert np.allclose(np.linalg.norm(good, axis=1), 1, atol=1e-5) and not in_task["embedding"][[1, 3]].any()
