@@ -26,15 +26,15 @@ class Embedding(nn.Embedding):
         super().__init__(num, width, _weight=normal(num, width, std=std))
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-
-
 def cpu_computes(dtype: torch.dtype) -> bool:
     """Whether oneDNN has kernels for `dtype` on this CPU (bf16: AVX-512 or AMX; fp16: AVX512-FP16 or AMX-FP16).
     Elsewhere PyTorch emulates it: MiniLM ran 4.5x (fp16) and 7x (bf16) slower than in fp32 on an AVX2 EPYC."""
     checks = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported, torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
     return dtype not in checks or (torch.backends.mkldnn.is_available() and checks[dtype]())
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and cpu_computes(torch.bfloat16) else (torch.float32,)
 
 
 def onednn(x: Tensor) -> bool:

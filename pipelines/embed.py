@@ -145,9 +145,10 @@ def one_call(inventory: Inventory, target: Target, gpu: bool) -> bool:
 
     An actor is a worker process of its own that imports Ray Data and torch (~3 core-s) before its model loads;
     for one call, a task runs in a worker process the pipeline's earlier steps have started, where Ray Data (and,
-    after the job's first such target, torch) is imported already: small incremental jobs, a few new items per
-    model, are mostly this start-up (BENCHMARKS.md). Not on GPUs: a reused worker keeps the CUDA device it first
-    saw, whichever GPU Ray gives its next task."""
+    after the job's first such target, torch) is imported already: a small job is mostly this start-up (BENCHMARKS.md).
+    The count is the input's rows of the modality, not the rows still to do: what is done is known only once the
+    rows are read and hashed. Not on GPUs: a reused worker keeps the CUDA device it first saw, whichever GPU Ray
+    gives its next task."""
     return not gpu and inventory.counts.get(target.modality, 0) <= target.encode_batch
 
 
