@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test lint install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
 	$(BIN)/mmembed demo
+
+# ruff: the lint rules and the format in pyproject.toml; .ci/run checks both before the tests.
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # pytest exits 5 when it collects no test: that is a failure too.
 test: $(VENV)/.dev

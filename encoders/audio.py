@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import scipy.fft
@@ -63,7 +63,7 @@ def decode(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mel_filters(n_mels: int) -> np.ndarray:
     """(n_mels, N_FFT // 2 + 1) Slaney-style mel filterbank over 0-8 kHz, as transformers' `mel_filter_bank`."""
     f_sp = 200.0 / 3  # Slaney's mel scale: linear below 1 kHz, logarithmic above

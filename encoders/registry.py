@@ -81,7 +81,7 @@ def load_encoder(name: str, options: Options = Options()) -> Encoder:
     """The model by name, its network built (a store missing or misshaping a tensor fails here, naming it)."""
     stored = store.load(resolve(name))
     encoder = encoder_class(stored.kind)(short_name(name), stored, options)
-    encoder.model
+    _ = encoder.model  # built now, so a store missing or misshaping a tensor fails here
     return encoder
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import image, registry, shapes, store
 from .clip import CLIP, CLIPDims

@@ -22,6 +22,7 @@ encoder loaded with the same tiny.en weights, mapped back from our store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -35,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ from encoders import audio, image, registry
 from encoders import store as weight_store
 from encoders.model import Options
 from encoders.registry import load_encoder, load_inputs
-from pipelines.embed import start as start_ray, stop as stop_ray
+from pipelines.embed import start as start_ray
+from pipelines.embed import stop as stop_ray
 from pipelines.errors import ResourceError
 from storage.store import Store, duckdb_connection
 
@@ -72,16 +74,7 @@ TOP_PROCESSES = 5  # the largest processes named at a memory peak
 # seconds between memory samples: a sample reads every process's smaps_rollup, ~3 ms each for Ray's workers (they
 # map the whole object store), so sampling every 0.2 s took a third of a core from the jobs it measured
 MEMORY_SAMPLING = 1.0
-WORDS = (
-    "the a small large red blue green old new quiet bright dark cold warm river city train station morning evening "
-    "night dog cat bird child woman man house garden road bridge market window door table coffee tea bread apple "
-    "music song voice picture camera photo mountain forest lake sea beach boat ship plane car bus street light rain "
-    "snow wind sun moon star cloud sky field flower tree leaf stone wall tower church school office book letter "
-    "paper pen phone computer screen game ball team player crowd festival dinner kitchen chair bed room floor "
-    "walks runs sits stands looks waits opens closes carries holds reads writes sings plays builds paints finds "
-    "near under over behind beside across through after before during with without and while because slowly "
-    "quickly together alone again today yesterday tomorrow always never often"
-).split()
+WORDS = ["the", "a", "small", "large", "red", "blue", "green", "old", "new", "quiet", "bright", "dark", "cold", "warm", "river", "city", "train", "station", "morning", "evening", "night", "dog", "cat", "bird", "child", "woman", "man", "house", "garden", "road", "bridge", "market", "window", "door", "table", "coffee", "tea", "bread", "apple", "music", "song", "voice", "picture", "camera", "photo", "mountain", "forest", "lake", "sea", "beach", "boat", "ship", "plane", "car", "bus", "street", "light", "rain", "snow", "wind", "sun", "moon", "star", "cloud", "sky", "field", "flower", "tree", "leaf", "stone", "wall", "tower", "church", "school", "office", "book", "letter", "paper", "pen", "phone", "computer", "screen", "game", "ball", "team", "player", "crowd", "festival", "dinner", "kitchen", "chair", "bed", "room", "floor", "walks", "runs", "sits", "stands", "looks", "waits", "opens", "closes", "carries", "holds", "reads", "writes", "sings", "plays", "builds", "paints", "finds", "near", "under", "over", "behind", "beside", "across", "through", "after", "before", "during", "with", "without", "and", "while", "because", "slowly", "quickly", "together", "alone", "again", "today", "yesterday", "tomorrow", "always", "never", "often"]
 
 # transformers CLIPConfig keyword arguments: the ViT-B/32 vision tower (and text tower widths).
 CLIP_B32 = {
@@ -591,7 +584,7 @@ def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: s
     shutil.rmtree(root, ignore_errors=True)
     store = Store(str(root))
     job, files, chunk = "bench-vectors", [], 100_000
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
         vectors = rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
@@ -624,7 +617,7 @@ def brute_force(files: list[str], queries: np.ndarray) -> tuple[list[float], lis
         best = np.argpartition(-scores, TOP_K)[:TOP_K]
         return table["id"].take(best[np.argsort(-scores[best])])
 
-    return [timed(lambda: top(q))[0] for q in queries], top(queries[0]).to_pylist()
+    return [timed(lambda q=q: top(q))[0] for q in queries], top(queries[0]).to_pylist()
 
 
 def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
@@ -640,7 +633,7 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     queries = rng.standard_normal((plan.queries, RETRIEVAL_DIM), dtype=np.float32)
     log(f"retrieval: {rows} rows, search / numpy / naive DuckDB")
     cold, first = timed(lambda: search(str(root), queries[0], "image", model, k=TOP_K))
-    search_s = [timed(lambda: search(str(root), q, "image", model, k=TOP_K))[0] for q in queries]
+    search_s = [timed(lambda q=q: search(str(root), q, "image", model, k=TOP_K))[0] for q in queries]
 
     numpy_s, numpy_first = brute_force(files, queries)
     if numpy_first != first["id"].to_pylist():
@@ -648,7 +641,7 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     con = duckdb_connection()
     sql = (f"SELECT id, array_cosine_similarity(embedding::FLOAT[{RETRIEVAL_DIM}], ?::FLOAT[{RETRIEVAL_DIM}]) AS score "
            "FROM read_parquet(?) ORDER BY score DESC LIMIT 10")
-    naive_s = [timed(lambda: con.execute(sql, [q.tolist(), files]).fetchall())[0] for q in queries[: plan.naive_queries]]
+    naive_s = [timed(lambda q=q: con.execute(sql, [q.tolist(), files]).fetchall())[0] for q in queries[: plan.naive_queries]]
     hashes = pq.read_table(files, columns=["content_hash"])["content_hash"]
     half = min(CHECK_BATCH // 2, rows)
     fresh = pa.array([f"{i:064x}" for i in range(half)])
@@ -679,9 +672,9 @@ def measure_index(rows: int, plan: Plan, work: Path) -> dict:
     cold, _ = timed(lambda: search(str(root), queries[0], "image", model, k=TOP_K))
     hnsw_s, exact_s, found = [], [], 0
     for q in queries:
-        seconds, got = timed(lambda: search(str(root), q, "image", model, k=TOP_K))
+        seconds, got = timed(lambda q=q: search(str(root), q, "image", model, k=TOP_K))
         hnsw_s.append(seconds)
-        seconds, want = timed(lambda: search(str(root), q, "image", model, k=TOP_K, use_index=False))
+        seconds, want = timed(lambda q=q: search(str(root), q, "image", model, k=TOP_K, use_index=False))
         exact_s.append(seconds)
         found += len(set(got["id"].to_pylist()) & set(want["id"].to_pylist()))
     return {
@@ -737,10 +730,8 @@ def machine() -> dict:
     import torch
 
     cpu = platform.processor()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     device = _device()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -816,7 +807,7 @@ def measure(plan: Plan, out: Path) -> dict:
     """Run every measurement of `plan`, with datasets and stores under `out`; -> the result document."""
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"version": 1, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": plan.quick,
+                    "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "quick": plan.quick,
                     "machine": machine(), "plan": dataclasses.asdict(plan), "modalities": {}}
     result["plan"].pop("clip")
     started = time.perf_counter()

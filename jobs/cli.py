@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 EPILOG = """examples:
   mmembed embed ./media ./store                 embed a directory into a store
   mmembed query ./store --text "a red circle" --modality image -k 5

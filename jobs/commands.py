@@ -17,8 +17,8 @@ from encoders.model import Options
 from encoders.registry import list_models, load_encoder, models_dir
 from pipelines.errors import ResourceError, SourceError
 from pipelines.sources import modality_of
-from storage.lock import LockError
 from storage import index
+from storage.lock import LockError
 from storage.query import QueryError, build_index, connect, run_readonly, search
 from storage.query import classify as classify_rows
 from storage.store import Store, StoreError

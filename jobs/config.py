@@ -88,7 +88,7 @@ def _check(value, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
+    if (tp is bool and isinstance(value, bool)) or (tp is str and isinstance(value, str)):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value

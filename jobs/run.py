@@ -10,12 +10,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from encoders.model import Options
 from encoders import store as weight_store
+from encoders.model import Options
 from encoders.registry import resolve
 from pipelines import embed as pipeline
 from pipelines.errors import SourceError
@@ -28,11 +28,11 @@ from .progress import Progress
 
 
 def new_job_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def root_path(root: str) -> str:

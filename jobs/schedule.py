@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -60,7 +60,7 @@ class RunState:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def check_schedule(config: Scheduled) -> str:
@@ -80,14 +80,14 @@ def due(config: Scheduled, state: RunState | None, now: datetime) -> datetime | 
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     # croniter's get_prev is strictly before its start; a microsecond later makes it <= now.
-    start = now.astimezone(timezone.utc) + timedelta(microseconds=1)
+    start = now.astimezone(UTC) + timedelta(microseconds=1)
     latest = croniter(check_schedule(config), start).get_prev(datetime)
     return latest if state is None or state.last_run < latest else None
 
 
 def next_time(config: Scheduled, now: datetime) -> datetime:
     """The first scheduled time strictly after `now`."""
-    return croniter(check_schedule(config), now.astimezone(timezone.utc)).get_next(datetime)
+    return croniter(check_schedule(config), now.astimezone(UTC)).get_next(datetime)
 
 
 def state_path(config: Scheduled) -> Path:

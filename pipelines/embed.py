@@ -20,7 +20,6 @@ from .sinks import write_shard
 from .sources import Inventory, load_rows, of_modality, skip_done
 from .stages import EmbedBatch, embed_in_task, preprocess
 
-
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
 FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ def write_shard(
     store = Store(root)
     failed = batch["error_type"] != ""
     ok = ~failed
-    now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
+    now = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     files = []
     if ok.any():
         emb = np.ascontiguousarray(np.stack(list(batch["embedding"][ok])) if batch["embedding"].dtype == object else batch["embedding"][ok], dtype=np.float32)

@@ -34,7 +34,7 @@ import socket
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -149,7 +149,7 @@ class RootLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "job_id": self.job_id,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "proc_start": _process_start(os.getpid()),
         }
         temporary = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}.tmp")

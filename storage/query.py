@@ -29,11 +29,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+
+if TYPE_CHECKING:
+    import torch
 
 from . import index
 from .schema import ERROR_SCHEMA, embedding_dim, embedding_schema
@@ -247,7 +251,7 @@ class _Partition:
     matrix: np.ndarray  # (rows, dim) float32, each row L2-normalised
     labels: pa.Table  # id, uri of each matrix row
     con: duckdb.DuckDBPyConnection  # table `candidates`: every file column but the embedding, and `_row`
-    half: "torch.Tensor | None" = None  # the matrix in float16, for the first pass over a large partition
+    half: torch.Tensor | None = None  # the matrix in float16, for the first pass over a large partition
 
 
 HALF_ROWS = 200_000  # from this many rows, a search scans a float16 copy first: the scan is bound by memory traffic

@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 
 import duckdb
@@ -177,7 +177,7 @@ class Store:
         record = {
             "job_id": job_id,
             "seq": seq,
-            "committed_at": datetime.now(timezone.utc).isoformat(),
+            "committed_at": datetime.now(UTC).isoformat(),
             "files": list(files),
             "stats": stats or {},
         }

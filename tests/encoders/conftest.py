@@ -10,7 +10,6 @@ import pytest
 import skimage.data
 from PIL import Image
 
-
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 # Real photos as their files are: RGB and greyscale PNG, baseline JPEG, RGBA PNG, square and not.
 PHOTOS = (

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from encoders import registry, store
-from encoders.clip import CLIP, ClipEncoder, CLIPDims, convert_hf, export_hf, tokenizer_from_bpe_files, train_tokenizer
+from encoders.clip import CLIP, CLIPDims, ClipEncoder, convert_hf, export_hf, tokenizer_from_bpe_files, train_tokenizer
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
 from encoders.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from encoders.model import Options

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from encoders import registry, store
-from encoders.clip import CLIP, ClipEncoder, CLIPDims
+from encoders.clip import CLIP, CLIPDims, ClipEncoder
 from encoders.errors import ModelLoadError
 from encoders.store import StoredModel
 
@@ -114,13 +114,13 @@ def test_reshaped_tensor_is_named(saved):
     rewrite_rows(saved, lambda rows: row(rows, "text.proj.weight").update(shape=[32 * 24]))
     stored = store.load(saved)  # bytes and checksum are fine; the shape is not the module's
     with pytest.raises(ModelLoadError, match=r"'text.proj.weight' has shape \(768,\), expected \(24, 32\)"):
-        ClipEncoder("tiny", stored).model  # the network (and its weights) is built on first use
+        _ = ClipEncoder("tiny", stored).model  # the network (and its weights) is built on first use
 
 
 def test_unexpected_tensor_is_named(saved, tiny_clip):
     tiny_clip.tensors["vision.blocks.9.ln1.weight"] = torch.ones(32)
     with pytest.raises(ModelLoadError, match="unexpected tensor 'vision.blocks.9.ln1.weight'"):
-        ClipEncoder("tiny", tiny_clip).model
+        _ = ClipEncoder("tiny", tiny_clip).model
 
 
 def test_truncated_file(saved):

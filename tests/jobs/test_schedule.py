@@ -6,12 +6,12 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from jobs.schedule import RunState, Scheduler, ScheduleError, check_schedule, due, load_state, save_state
+from jobs.schedule import RunState, ScheduleError, Scheduler, check_schedule, due, load_state, save_state
 from storage.lock import LockHeldError, RootLock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ class Job:
 
 
 def at(hh: int, mm: int, ss: int = 0) -> datetime:
-    return datetime(2025, 3, 1, hh, mm, ss, tzinfo=timezone.utc)
+    return datetime(2025, 3, 1, hh, mm, ss, tzinfo=UTC)
 
 
 class Clock:

@@ -11,8 +11,8 @@ import ray
 import soundfile as sf
 from PIL import Image
 
-from encoders.model import Options
 from encoders import registry
+from encoders.model import Options
 from encoders.registry import load_encoder
 from pipelines import embed, sources
 from pipelines.errors import ResourceError

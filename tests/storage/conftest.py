@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 
 from storage.schema import ERROR_SCHEMA, TIMESTAMP, embedding_schema
 
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def content_hash(id_: str, version: int = 0) -> str:

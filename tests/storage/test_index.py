@@ -30,7 +30,7 @@ def files(store):
 
 
 def test_a_fresh_index_answers_search_with_the_hnsw_scan(store, rng, monkeypatch):
-    store, ids, vectors = store
+    store, _ids, vectors = store
     built = build_index(store.root)
     assert [{k: v for k, v in b.items() if k != "seconds"} for b in built] == [{"modality": "image", "model": "m", "rows": 400, "status": "built"}]
     hnsw = index.fresh(store, "image", "m", files(store))
@@ -56,7 +56,7 @@ def test_a_fresh_index_answers_search_with_the_hnsw_scan(store, rng, monkeypatch
 
 
 def test_a_later_commit_makes_the_index_stale_until_rebuilt(store, tables, rng):
-    store, ids, vectors = store
+    store, _ids, _vectors = store
     build_index(store.root)
     new = clustered(rng, 1, 32)
     store.commit("job3", [store.write_embeddings("image", "m", tables.embeddings(["late"], new, job="job3", minute=2))])
@@ -71,7 +71,7 @@ def test_a_later_commit_makes_the_index_stale_until_rebuilt(store, tables, rng):
 
 
 def test_where_and_use_index_false_search_exactly(store, monkeypatch):
-    store, ids, vectors = store
+    store, _ids, vectors = store
     build_index(store.root)
     monkeypatch.setattr(index.Index, "search", lambda *a: pytest.fail("the index was used"))
     assert search(store.root, vectors[7], "image", "m", k=1, use_index=False)["id"].to_pylist() == ["doc007"]

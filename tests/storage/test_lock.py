@@ -260,8 +260,7 @@ def test_unreadable_lock_file_is_a_clear_error(tmp_path):
 
 def test_same_lock_cannot_be_acquired_twice(tmp_path):
     lock = RootLock(str(tmp_path))
-    with lock:
-        with pytest.raises(LockError, match="already locked"):
-            lock.acquire()
+    with lock, pytest.raises(LockError, match="already locked"):
+        lock.acquire()
     lock.acquire()  # reusable after release
     lock.release()

@@ -82,7 +82,7 @@ def test_where_filters_on_passthrough_columns(store, rng):
 
 
 def test_a_new_commit_invalidates_the_cache(store, tables, rng):
-    store, ids, vectors, _ = store
+    store, _ids, vectors, _ = store
     query = vectors[7].copy()
     assert search(store.root, query, "text", "m", k=1)["id"].to_pylist() == ["doc007"]
     newer = tables.unit(rng, 2, 16)
