@@ -38,7 +38,13 @@ MODES = ("trimmed", "padded")
 
 def settings(n_mels: int) -> dict:
     """The feature settings a Whisper store records."""
-    return {"n_mels": n_mels, "sampling_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "chunk_length": CHUNK_LENGTH}
+    return {
+        "n_mels": n_mels,
+        "sampling_rate": SAMPLE_RATE,
+        "n_fft": N_FFT,
+        "hop_length": HOP_LENGTH,
+        "chunk_length": CHUNK_LENGTH,
+    }
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -70,7 +76,9 @@ def mel_filters(n_mels: int) -> np.ndarray:
     min_log_hz, min_log_mel, logstep = 1000.0, 15.0, math.log(6.4) / 27.0
 
     def hz_to_mel(hz: np.ndarray) -> np.ndarray:
-        return np.where(hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, hz / f_sp)
+        return np.where(
+            hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, hz / f_sp
+        )
 
     def mel_to_hz(mel: np.ndarray) -> np.ndarray:
         return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)

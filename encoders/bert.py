@@ -56,7 +56,8 @@ class Bert(nn.Module):
         self.type_embedding = Embedding(dims.type_vocab_size, dims.width)
         self.ln = LayerNorm(dims.width, eps=dims.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            Block(dims.width, dims.heads, dims.mlp, dims.activation, norm_first=False, eps=dims.layer_norm_eps) for _ in range(dims.layers)
+            Block(dims.width, dims.heads, dims.mlp, dims.activation, norm_first=False, eps=dims.layer_norm_eps)
+            for _ in range(dims.layers)
         )
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -146,7 +147,15 @@ ST_LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-HF_UNUSED = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.", "embeddings.position_ids", "embeddings.token_type_ids")
+HF_UNUSED = (
+    "pooler.",
+    "cls.",
+    "lm_head.",
+    "classifier.",
+    "qa_outputs.",
+    "embeddings.position_ids",
+    "embeddings.token_type_ids",
+)
 
 
 def _read_weights(src: Path) -> dict[str, Tensor]:
@@ -178,7 +187,9 @@ def _sentence_transformer_modules(src: Path) -> tuple[Path, str, bool]:
         elif kind == "Normalize":
             normalize = True
         else:
-            raise ConversionError(f"{src}: sentence-transformers module {module['type']!r} is not supported (only Transformer, Pooling, Normalize)")
+            raise ConversionError(
+                f"{src}: sentence-transformers module {module['type']!r} is not supported (only Transformer, Pooling, Normalize)"
+            )
     return transformer, pooling, normalize
 
 
@@ -199,7 +210,9 @@ def convert_hf(src: Path) -> StoredModel:
     if config is None:
         raise ConversionError(f"{transformer}: no config.json")
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise ConversionError(f"{transformer}: position_embedding_type {config['position_embedding_type']!r} is not supported")
+        raise ConversionError(
+            f"{transformer}: position_embedding_type {config['position_embedding_type']!r} is not supported"
+        )
     activation = config.get("hidden_act", "gelu")
     if activation not in ACTIVATIONS:
         raise ConversionError(f"{transformer}: activation {activation!r} is not supported ({', '.join(ACTIVATIONS)})")
@@ -246,20 +259,31 @@ def _convert_weights(hf: dict[str, Tensor], dims: BertDims, src: Path) -> dict[s
             for p in ("weight", "bias"):
                 table[f"encoder.layer.{i}.{theirs}.{p}"] = f"blocks.{i}.{ours}.{p}"
     fused = {
-        f"blocks.{i}.attn.qkv.{p}": [f"encoder.layer.{i}.{name}.{p}" for name in HF_QKV] for i in range(dims.layers) for p in ("weight", "bias")
+        f"blocks.{i}.attn.qkv.{p}": [f"encoder.layer.{i}.{name}.{p}" for name in HF_QKV]
+        for i in range(dims.layers)
+        for p in ("weight", "bias")
     }
     needed = set(table) | {k for keys in fused.values() for k in keys}
     if missing := sorted(needed - set(hf)):
-        raise ConversionError(f"{src}: checkpoint lacks tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ConversionError(
+            f"{src}: checkpoint lacks tensor '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra := sorted(set(hf) - needed):
-        raise ConversionError(f"{src}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ConversionError(
+            f"{src}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     out = {ours: hf[theirs] for theirs, ours in table.items()}
     out |= {ours: torch.cat([hf[k] for k in keys]) for ours, keys in fused.items()}
     with torch.device("meta"):
         expected = Bert(dims).state_dict()
     if set(out) != set(expected):
-        raise ConversionError(f"{src}: conversion table does not cover the model ({sorted(set(out) ^ set(expected))[:3]})")
+        raise ConversionError(
+            f"{src}: conversion table does not cover the model ({sorted(set(out) ^ set(expected))[:3]})"
+        )
     for name, t in out.items():
         if t.shape != expected[name].shape:
-            raise ConversionError(f"{src}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+            raise ConversionError(
+                f"{src}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
+            )
     return {name: t.float().contiguous() for name, t in out.items()}

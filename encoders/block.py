@@ -29,7 +29,10 @@ class Embedding(nn.Embedding):
 def cpu_computes(dtype: torch.dtype) -> bool:
     """Whether oneDNN has kernels for `dtype` on this CPU (bf16: AVX-512 or AMX; fp16: AVX512-FP16 or AMX-FP16).
     Elsewhere PyTorch emulates it: MiniLM ran 4.5x (fp16) and 7x (bf16) slower than in fp32 on an AVX2 EPYC."""
-    checks = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported, torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    checks = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }
     return dtype not in checks or (torch.backends.mkldnn.is_available() and checks[dtype]())
 
 

@@ -189,7 +189,9 @@ class ClipEncoder(Encoder):
                 pixels = torch.from_numpy(np.stack(items)).to(self.device, self.options.torch_dtype)
                 return self.finish(self.model.encode_image(pixels))
             ids, mask = self.tokenizer(items)
-            return self.finish(self.model.encode_text(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)))
+            return self.finish(
+                self.model.encode_text(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+            )
 
 
 # --- tokenizer -------------------------------------------------------------------------
@@ -198,10 +200,15 @@ class ClipEncoder(Encoder):
 def _clip_pipeline(model: BPE) -> Tokenizer:
     """The normaliser, pre-tokeniser and decoder of transformers' CLIPTokenizer around a BPE model."""
     tokenizer = Tokenizer(model)
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
@@ -231,7 +238,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> str:
     if vocab_size <= len(base) + 2:
         raise ValueError(f"vocab_size must exceed {len(base) + 2} (the byte symbols and BOS/EOS)")
     tokenizer = _clip_pipeline(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    trainer = BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
+    trainer = BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
     tokenizer.train_from_iterator(texts, trainer)
     merges = [tuple(m) for m in json.loads(tokenizer.to_str())["model"]["merges"]][: vocab_size - len(base) - 2]
     tokens = list(dict.fromkeys(base + ["".join(m) for m in merges])) + [BOS, EOS]
@@ -277,22 +286,47 @@ BLOCK_KEYS = {
     "ln2.weight": ("layer_norm2.weight",),
     "ln2.bias": ("layer_norm2.bias",),
 }
-IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")  # index buffers old checkpoints saved
+IGNORED_KEYS = (
+    "text_model.embeddings.position_ids",
+    "vision_model.embeddings.position_ids",
+)  # index buffers old checkpoints saved
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPImageProcessor defaults, for keys a checkpoint leaves out.
 BICUBIC = 3  # PIL's resample code, as HF configs store it
 HF_TEXT_DEFAULTS = dict(
-    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407,
+    vocab_size=49408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    eos_token_id=49407,
 )
 HF_VISION_DEFAULTS = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
-    image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
 )
 HF_IMAGE_DEFAULTS = dict(
-    size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=BICUBIC,
-    image_mean=list(image.OPENAI_CLIP_MEAN), image_std=list(image.OPENAI_CLIP_STD), rescale_factor=image.RESCALE,
-    do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
+    size={"shortest_edge": 224},
+    crop_size={"height": 224, "width": 224},
+    resample=BICUBIC,
+    image_mean=list(image.OPENAI_CLIP_MEAN),
+    image_std=list(image.OPENAI_CLIP_STD),
+    rescale_factor=image.RESCALE,
+    do_resize=True,
+    do_center_crop=True,
+    do_rescale=True,
+    do_normalize=True,
+    do_convert_rgb=True,
 )
 
 
@@ -301,7 +335,10 @@ def key_table(dims: CLIPDims) -> dict[str, tuple[str, ...]]:
     table = dict(TOP_KEYS)
     for ours, hf, layers in (("vision", "vision_model", dims.vision_layers), ("text", "text_model", dims.text_layers)):
         for i in range(layers):
-            table |= {f"{ours}.blocks.{i}.{k}": tuple(f"{hf}.encoder.layers.{i}.{s}" for s in v) for k, v in BLOCK_KEYS.items()}
+            table |= {
+                f"{ours}.blocks.{i}.{k}": tuple(f"{hf}.encoder.layers.{i}.{s}" for s in v)
+                for k, v in BLOCK_KEYS.items()
+            }
     return table
 
 
@@ -347,7 +384,9 @@ def dims_from_hf(config: dict) -> CLIPDims:
 def preprocess_from_hf(config: dict, dims: CLIPDims) -> dict:
     """A preprocessor_config.json -> the store's `preprocess` dict (keyword arguments of image.preprocess)."""
     config = HF_IMAGE_DEFAULTS | config
-    off = [k for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb") if config[k] is False]
+    off = [
+        k for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb") if config[k] is False
+    ]
     if off:
         raise ConversionError(f"preprocessor settings {', '.join(off)} = false are not supported")
     if config["resample"] != BICUBIC or not math.isclose(config["rescale_factor"], image.RESCALE):
@@ -400,7 +439,9 @@ def convert_hf(src: Path) -> StoredModel:
                 raise ConversionError(f"{src}: checkpoint has no tensor '{k}'")
         t = torch.cat([hf[k] for k in parts]) if len(parts) > 1 else hf[parts[0]]
         if tuple(t.shape) != shapes[ours]:
-            raise ConversionError(f"{src}: '{parts[0]}' gives shape {tuple(t.shape)} for '{ours}', the config implies {shapes[ours]}")
+            raise ConversionError(
+                f"{src}: '{parts[0]}' gives shape {tuple(t.shape)} for '{ours}', the config implies {shapes[ours]}"
+            )
         tensors[ours] = t.contiguous()
     unused = set(hf) - {k for parts in table.values() for k in parts} - set(IGNORED_KEYS)
     if unused:
@@ -417,17 +458,29 @@ def hf_config(dims: CLIPDims) -> dict:
         )
     common = {"hidden_act": dims.activation, "layer_norm_eps": dims.layer_norm_eps, "projection_dim": dims.embed_dim}
     text = dict(
-        vocab_size=dims.vocab_size, hidden_size=dims.text_width, intermediate_size=dims.text_mlp,
-        num_hidden_layers=dims.text_layers, num_attention_heads=dims.text_heads,
-        max_position_embeddings=dims.context_length, eos_token_id=dims.eos_token_id,
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.text_width,
+        intermediate_size=dims.text_mlp,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.text_heads,
+        max_position_embeddings=dims.context_length,
+        eos_token_id=dims.eos_token_id,
     )
     vision = dict(
-        hidden_size=dims.vision_width, intermediate_size=dims.vision_mlp, num_hidden_layers=dims.vision_layers,
-        num_attention_heads=dims.vision_heads, num_channels=3, image_size=dims.image_size, patch_size=dims.patch_size,
+        hidden_size=dims.vision_width,
+        intermediate_size=dims.vision_mlp,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads,
+        num_channels=3,
+        image_size=dims.image_size,
+        patch_size=dims.patch_size,
     )
     return dict(
-        architectures=["CLIPModel"], model_type="clip", projection_dim=dims.embed_dim,
-        text_config=common | text, vision_config=common | vision,
+        architectures=["CLIPModel"],
+        model_type="clip",
+        projection_dim=dims.embed_dim,
+        text_config=common | text,
+        vision_config=common | vision,
     )
 
 
@@ -445,14 +498,25 @@ def export_hf(stored: StoredModel, dest: Path) -> Path:
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     p = stored.preprocess
     preprocessor = HF_IMAGE_DEFAULTS | dict(
-        image_processor_type="CLIPImageProcessor", size={"shortest_edge": p["size"]},
-        crop_size={"height": p["crop_size"], "width": p["crop_size"]}, image_mean=p["mean"], image_std=p["std"],
+        image_processor_type="CLIPImageProcessor",
+        size={"shortest_edge": p["size"]},
+        crop_size={"height": p["crop_size"], "width": p["crop_size"]},
+        image_mean=p["mean"],
+        image_std=p["std"],
     )
     tokenizer_config = dict(
-        tokenizer_class="CLIPTokenizer", model_max_length=dims.context_length,
-        bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS,
+        tokenizer_class="CLIPTokenizer",
+        model_max_length=dims.context_length,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
     )
-    configs = {"config.json": hf_config(dims), "preprocessor_config.json": preprocessor, "tokenizer_config.json": tokenizer_config}
+    configs = {
+        "config.json": hf_config(dims),
+        "preprocessor_config.json": preprocessor,
+        "tokenizer_config.json": tokenizer_config,
+    }
     for name, content in configs.items():
         (dest / name).write_text(json.dumps(content, indent=2) + "\n")
     (dest / "tokenizer.json").write_text(stored.tokenizer)

@@ -23,9 +23,13 @@ def detect(src: Path) -> str:
         return "hf-clip"
     if model_type == "whisper":
         return "hf-whisper"
-    if model_type in ("bert", "roberta", "xlm-roberta") or any(a.startswith("Bert") for a in config.get("architectures", [])):
+    if model_type in ("bert", "roberta", "xlm-roberta") or any(
+        a.startswith("Bert") for a in config.get("architectures", [])
+    ):
         return "hf-bert"
-    raise ConversionError(f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, BERT-family, CTranslate2 Whisper)")
+    raise ConversionError(
+        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, BERT-family, CTranslate2 Whisper)"
+    )
 
 
 def read_checkpoint(src: Path) -> StoredModel:

@@ -39,14 +39,18 @@ def decode(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageValidationError(f"not a recognised image format ({len(data)} bytes, starting {bytes(data[:8])!r})") from None
+        raise ImageValidationError(
+            f"not a recognised image format ({len(data)} bytes, starting {bytes(data[:8])!r})"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageValidationError(f"image is too large: {e}") from None
     except Exception as e:  # PIL's parsers raise many types on hostile input (struct.error, IndexError, ...)
         raise ImageValidationError(f"cannot read image header: {type(e).__name__}: {e}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageValidationError(f"image is too large: {width}x{height} = {width * height} pixels, the limit is {MAX_PIXELS}")
+        raise ImageValidationError(
+            f"image is too large: {width}x{height} = {width * height} pixels, the limit is {MAX_PIXELS}"
+        )
     if width == 0 or height == 0:
         raise ImageValidationError(f"image has no pixels ({width}x{height})")
     try:
@@ -54,7 +58,9 @@ def decode(data: bytes) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
     except Exception as e:  # as above: any failure to decode these bytes is the input's fault
-        raise ImageValidationError(f"cannot decode {image.format} image ({width}x{height}): {type(e).__name__}: {e}") from None
+        raise ImageValidationError(
+            f"cannot decode {image.format} image ({width}x{height}): {type(e).__name__}: {e}"
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -80,7 +80,9 @@ class Inputs:
 
     def check(self, modality: str) -> None:
         if modality not in self.modalities:
-            raise ModelLoadError(f"model {self.name!r} ({self.kind}) has no {modality} tower; it embeds {', '.join(self.modalities)}")
+            raise ModelLoadError(
+                f"model {self.name!r} ({self.kind}) has no {modality} tower; it embeds {', '.join(self.modalities)}"
+            )
 
     def __call__(self, modality: str, raw: bytes | str) -> Item:
         self.check(modality)
@@ -113,8 +115,10 @@ class Encoder(ABC):
         from .block import cpu_computes
 
         if self.options.torch_device.type == "cpu" and not cpu_computes(self.options.torch_dtype):
-            log.warning(f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
-                        "expect it several times slower than float32")
+            log.warning(
+                f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
+                "expect it several times slower than float32"
+            )
         return self.build(self.stored)
 
     @abstractmethod

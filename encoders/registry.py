@@ -11,7 +11,11 @@ from . import store
 from .errors import ModelLoadError
 from .model import MODALITIES, Encoder, Inputs, Options
 
-KINDS = {"clip": "encoders.clip:ClipEncoder", "whisper": "encoders.whisper:WhisperEncoder", "bert": "encoders.bert:BertEncoder"}
+KINDS = {
+    "clip": "encoders.clip:ClipEncoder",
+    "whisper": "encoders.whisper:WhisperEncoder",
+    "bert": "encoders.bert:BertEncoder",
+}
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 
@@ -108,8 +112,16 @@ def list_models() -> list[ModelInfo]:
         path = BUNDLED_DIR / f"{name}.parquet"
         if not path.exists():
             path = models_dir() / f"{name}.parquet"
-        kind = store.read_meta(path)["kind"] if path.exists() else {"minilm-l6": "bert", "whisper-tiny.en": "whisper"}[name]
-        infos.append(ModelInfo(name, kind, "bundled", path if path.exists() else None, path.stat().st_size if path.exists() else None))
+        kind = (
+            store.read_meta(path)["kind"]
+            if path.exists()
+            else {"minilm-l6": "bert", "whisper-tiny.en": "whisper"}[name]
+        )
+        infos.append(
+            ModelInfo(
+                name, kind, "bundled", path if path.exists() else None, path.stat().st_size if path.exists() else None
+            )
+        )
     bundled = set(bundled_names())
     for path in sorted(models_dir().glob("*.parquet")):
         if path.stem not in bundled:

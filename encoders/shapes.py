@@ -61,8 +61,18 @@ POSITION_PHRASES = {
 }
 POSITION_JITTER = 3.0  # pixels
 
-BACKGROUNDS = {"grey": (128, 128, 128), "light grey": (195, 195, 195), "dark grey": (65, 65, 65), "beige": (225, 210, 170)}
-BACKGROUND_WORDS = {"grey": ("grey", "gray"), "light grey": ("light grey", "light gray"), "dark grey": ("dark grey", "dark gray"), "beige": ("beige",)}
+BACKGROUNDS = {
+    "grey": (128, 128, 128),
+    "light grey": (195, 195, 195),
+    "dark grey": (65, 65, 65),
+    "beige": (225, 210, 170),
+}
+BACKGROUND_WORDS = {
+    "grey": ("grey", "gray"),
+    "light grey": ("light grey", "light gray"),
+    "dark grey": ("dark grey", "dark gray"),
+    "beige": ("beige",),
+}
 MIN_CONTRAST = 100.0  # RGB distance below which a shape colour is not drawn on a background
 COLOUR_JITTER = 18
 BACKGROUND_JITTER = 8
@@ -117,7 +127,11 @@ def backgrounds_for(colour: str) -> list[str]:
 
 
 def sample_scene(
-    rng: random.Random, colour: str | None = None, shape: str | None = None, size: str | None = None, position: str | None = None
+    rng: random.Random,
+    colour: str | None = None,
+    shape: str | None = None,
+    size: str | None = None,
+    position: str | None = None,
 ) -> Scene:
     """A random scene; the attributes given are fixed, the rest drawn."""
     colour = colour or rng.choice(list(COLOURS))
@@ -154,8 +168,13 @@ def _ngon(k: int, inner: float | None = None) -> list[tuple[float, float]]:
 def _heart(n: int = 32) -> list[tuple[float, float]]:
     """Unit heart, point down: the classic parametric curve, centred on its bounding box."""
     ts = [2 * math.pi * i / n for i in range(n)]
-    return [(16 * math.sin(t) ** 3 / 15, (-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) - 2.7) / 15)
-            for t in ts]
+    return [
+        (
+            16 * math.sin(t) ** 3 / 15,
+            (-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) - 2.7) / 15,
+        )
+        for t in ts
+    ]
 
 
 _ARM = 0.36  # half-width of the cross's arms, relative to its radius
@@ -249,5 +268,7 @@ def build_tokenizer() -> str:
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([BOS, EOS])
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, words.index(BOS)), (EOS, words.index(EOS))])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, words.index(BOS)), (EOS, words.index(EOS))]
+    )
     return tok.to_str()

@@ -70,7 +70,9 @@ def read_digest(path: str | Path) -> str:
     """The digest from the footer and the checksum column alone (no tensor data is read)."""
     meta = read_meta(path)
     sums = pq.read_table(path, columns=["name", "sha256"]).to_pydict()
-    return digest_of({k: meta.get(k) for k in ("kind", "config", "preprocess", "tokenizer")}, dict(zip(sums["name"], sums["sha256"])))
+    return digest_of(
+        {k: meta.get(k) for k in ("kind", "config", "preprocess", "tokenizer")}, dict(zip(sums["name"], sums["sha256"]))
+    )
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -133,11 +135,20 @@ def load(path: str | Path) -> StoredModel:
                 checksums[name] = checksum
     except (OSError, pa.ArrowException) as e:
         raise ModelLoadError(f"cannot read model store {path}: {e}") from None
-    return StoredModel(meta["kind"], meta["config"], tensors, meta.get("preprocess") or {}, meta.get("tokenizer"),
-                       meta.get("source"), checksums)
+    return StoredModel(
+        meta["kind"],
+        meta["config"],
+        tensors,
+        meta.get("preprocess") or {},
+        meta.get("tokenizer"),
+        meta.get("source"),
+        checksums,
+    )
 
 
-def _tensor(path: str | Path, name: str, dtype_name: str, shape: tuple[int, ...], checksum: str, blob: pa.Buffer) -> torch.Tensor:
+def _tensor(
+    path: str | Path, name: str, dtype_name: str, shape: tuple[int, ...], checksum: str, blob: pa.Buffer
+) -> torch.Tensor:
     """One stored tensor, verified against its checksum and shape, in memory of its own."""
     import torch
 
@@ -153,7 +164,9 @@ def _tensor(path: str | Path, name: str, dtype_name: str, shape: tuple[int, ...]
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store", assign: bool = False) -> None:
+def load_state(
+    module: torch.nn.Module, stored: StoredModel, path: str | Path = "model store", assign: bool = False
+) -> None:
     """Strict load: a tensor the module expects but the store lacks (or vice versa) is named.
 
     assign=True makes the stored tensors the module's parameters (no copy), for a module built on the meta device.
@@ -162,10 +175,16 @@ def load_state(module: torch.nn.Module, stored: StoredModel, path: str | Path = 
     missing = sorted(set(expected) - set(stored.tensors))
     extra = sorted(set(stored.tensors) - set(expected))
     if missing:
-        raise ModelLoadError(f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ModelLoadError(
+            f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra:
-        raise ModelLoadError(f"{path}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ModelLoadError(
+            f"{path}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for name, t in stored.tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise ModelLoadError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+            raise ModelLoadError(
+                f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
+            )
     module.load_state_dict(stored.tensors, strict=True, assign=assign)

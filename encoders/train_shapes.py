@@ -39,7 +39,12 @@ TRAIN_SEED = 0
 EVAL_SEED = 1  # zero-shot and attribute accuracy
 RETRIEVAL_SEED = 2
 
-PREPROCESS = {"size": shapes.IMAGE_SIZE, "crop_size": shapes.IMAGE_SIZE, "mean": list(image.OPENAI_CLIP_MEAN), "std": list(image.OPENAI_CLIP_STD)}
+PREPROCESS = {
+    "size": shapes.IMAGE_SIZE,
+    "crop_size": shapes.IMAGE_SIZE,
+    "mean": list(image.OPENAI_CLIP_MEAN),
+    "std": list(image.OPENAI_CLIP_STD),
+}
 
 
 def default_dims(tokenizer_json: str) -> CLIPDims:
@@ -86,7 +91,10 @@ def batch(
 
     easy: the share of scenes drawn large and in the centre.
     """
-    scenes = [shapes.sample_scene(rng, size="large", position="center") if rng.random() < easy else shapes.sample_scene(rng) for _ in range(n)]
+    scenes = [
+        shapes.sample_scene(rng, size="large", position="center") if rng.random() < easy else shapes.sample_scene(rng)
+        for _ in range(n)
+    ]
     templates = [rng.choice(shapes.TEMPLATES) for _ in range(n)]
     captions = [shapes.fill(t, s, rng) for t, s in zip(templates, scenes)]
     pixels = np.stack([image.preprocess(shapes.render(s), **PREPROCESS) for s in scenes])
@@ -119,7 +127,9 @@ class _Monitor:
         rng = random.Random(EVAL_SEED)
         held_out = [shapes.sample_scene(rng, c, s) for c, s in shapes.CLASSES for _ in range(5)]
         self.pixels = torch.from_numpy(np.stack([image.preprocess(shapes.render(s), **PREPROCESS) for s in held_out]))
-        self.ids, self.mask = map(torch.from_numpy, tokenizer([_prompt("a {colour} {shape}", colour=c, shape=s) for c, s in shapes.CLASSES]))
+        self.ids, self.mask = map(
+            torch.from_numpy, tokenizer([_prompt("a {colour} {shape}", colour=c, shape=s) for c, s in shapes.CLASSES])
+        )
         self.truth = torch.tensor([shapes.CLASSES.index((s.colour, s.shape)) for s in held_out])
 
     @torch.no_grad()
@@ -135,7 +145,9 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     wavelengths from 2 patches to 4 grid widths, so that on a small grid neighbouring codes differ clearly."""
     quarter = width // 4
     freqs = math.pi * (2 * grid) ** (-torch.arange(quarter) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     angles = [c.reshape(-1, 1) * freqs for c in (xs, ys)]
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
@@ -148,7 +160,11 @@ def batches(config: TrainConfig, tokenizer: TextTokenizer) -> Iterator[tuple[tor
 
     def render() -> None:
         for step in range(config.steps):
-            ready.put(batch(rng, config.batch_size, tokenizer, max(0.0, 1 - step / max(1.0, config.curriculum * config.steps))))
+            ready.put(
+                batch(
+                    rng, config.batch_size, tokenizer, max(0.0, 1 - step / max(1.0, config.curriculum * config.steps))
+                )
+            )
 
     threading.Thread(target=render, daemon=True).start()
     for _ in range(config.steps):
@@ -180,7 +196,9 @@ def train(config: TrainConfig, dims: CLIPDims, tokenizer_json: str, log=print) -
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == config.steps - 1:
             seen = f"  zero-shot {monitor(model):.3f}" if step % 250 == 0 or step == config.steps - 1 else ""
-            log(f"step {step:5d}  loss {loss.item():.4f}  scale {model.logit_scale.exp().item():5.1f}  {time.time() - start:6.0f} s{seen}")
+            log(
+                f"step {step:5d}  loss {loss.item():.4f}  scale {model.logit_scale.exp().item():5.1f}  {time.time() - start:6.0f} s{seen}"
+            )
     return model.eval()
 
 
@@ -212,12 +230,16 @@ def evaluate(encoder: Encoder, per_class: int = 25, retrieval_n: int = 500) -> d
     held_out = [shapes.sample_scene(rng, c, s) for c, s in shapes.CLASSES for _ in range(per_class)]
     images = encoder.encode("image", _pngs(held_out))
 
-    class_prompts = encoder.encode("text", [_prompt("a {colour} {shape}", colour=c, shape=s) for c, s in shapes.CLASSES])
+    class_prompts = encoder.encode(
+        "text", [_prompt("a {colour} {shape}", colour=c, shape=s) for c, s in shapes.CLASSES]
+    )
     class_truth = np.array([shapes.CLASSES.index((s.colour, s.shape)) for s in held_out])
 
     combos = [(c, s, z, p) for c, s in shapes.CLASSES for z in shapes.SIZES for p in shapes.POSITIONS]
     full_template = "a {size} {colour} {shape} {where}"
-    full_prompts = encoder.encode("text", [_prompt(full_template, colour=c, shape=s, size=z, position=p) for c, s, z, p in combos])
+    full_prompts = encoder.encode(
+        "text", [_prompt(full_template, colour=c, shape=s, size=z, position=p) for c, s, z, p in combos]
+    )
     full_scores = images @ full_prompts.T
     full_truth = np.array([combos.index((s.colour, s.shape, s.size, s.position)) for s in held_out])
     # size and position: among the captions of the image's own colour and shape only
@@ -228,7 +250,10 @@ def evaluate(encoder: Encoder, per_class: int = 25, retrieval_n: int = 500) -> d
     rng = random.Random(RETRIEVAL_SEED)
     distinct = rng.sample(combos, retrieval_n)
     scenes = [shapes.sample_scene(rng, c, s, z, p) for c, s, z, p in distinct]
-    sims = encoder.encode("text", [shapes.fill(full_template, sc) for sc in scenes]) @ encoder.encode("image", _pngs(scenes)).T
+    sims = (
+        encoder.encode("text", [shapes.fill(full_template, sc) for sc in scenes])
+        @ encoder.encode("image", _pngs(scenes)).T
+    )
     rank = (sims > np.diag(sims)[:, None]).sum(1)  # images scored above the caption's own
     return {
         "zero_shot_colour_shape_accuracy": _argmax_accuracy(images @ class_prompts.T, class_truth),
@@ -246,8 +271,15 @@ def evaluate(encoder: Encoder, per_class: int = 25, retrieval_n: int = 500) -> d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train shapes-clip, save it as a weight store, evaluate it.")
-    parser.add_argument("--out", type=Path, required=True, help="the weight store to write, e.g. encoders/bundled/shapes-clip.parquet")
-    parser.add_argument("--metrics", type=Path, default=Path("out/shapes-clip-metrics.json"), help="where to write the metrics JSON (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the weight store to write, e.g. encoders/bundled/shapes-clip.parquet"
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=Path("out/shapes-clip-metrics.json"),
+        help="where to write the metrics JSON (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)

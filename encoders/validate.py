@@ -25,7 +25,9 @@ from .errors import EncoderError, ModelLoadError
 from .model import Encoder, Options
 
 THRESHOLD = 0.9999  # the project's parity standard, per example, fp32
-OPTIONS = Options(device="cpu", dtype="float32", audio_mode="padded")  # padded: the reference encodes whole 30 s windows
+OPTIONS = Options(
+    device="cpu", dtype="float32", audio_mode="padded"
+)  # padded: the reference encodes whole 30 s windows
 SAMPLE_RATE = 16000  # Hz; sample clips are written at Whisper's rate so both sides read the same samples
 
 SAMPLE_TEXTS = (
@@ -81,7 +83,9 @@ def _require(module: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingReferenceError(f"validation needs {package} as the reference ({e}); install it with: pip install 'mmembed[dev]'") from None
+        raise MissingReferenceError(
+            f"validation needs {package} as the reference ({e}); install it with: pip install 'mmembed[dev]'"
+        ) from None
 
 
 def _compare(modality: str, labels: list[str], ours: np.ndarray, theirs: np.ndarray) -> list[ExampleResult]:
@@ -101,7 +105,9 @@ def sample_images() -> dict[str, bytes]:
 
     rng = np.random.default_rng(0)
     x = np.linspace(0, 255, 300, dtype=np.float32)
-    gradient = np.stack([np.tile(x, (200, 1)), np.tile(x[::-1], (200, 1)), np.full((200, 300), 90, np.float32)], axis=-1)
+    gradient = np.stack(
+        [np.tile(x, (200, 1)), np.tile(x[::-1], (200, 1)), np.full((200, 300), 90, np.float32)], axis=-1
+    )
     checker = (np.indices((224, 224)).sum(0) // 28 % 2 * 255).astype(np.uint8)
     shape = Image.new("RGB", (500, 375), (128, 128, 128))
     ImageDraw.Draw(shape).ellipse((180, 120, 320, 260), fill=(220, 30, 30))
@@ -126,7 +132,9 @@ def sample_clips() -> dict[str, np.ndarray]:
     def t(seconds: float) -> np.ndarray:
         return np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
 
-    harmonics = sum(np.sin(2 * np.pi * 140 * k * t(3.0)) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t(3.0)))
+    harmonics = sum(np.sin(2 * np.pi * 140 * k * t(3.0)) / k for k in range(1, 12)) * (
+        0.5 + 0.5 * np.sin(2 * np.pi * 3 * t(3.0))
+    )
     clips = {
         "sine 440 Hz 2 s": 0.5 * np.sin(2 * np.pi * 440 * t(2.0)),
         "chirp 200-4000 Hz 3.5 s": 0.4 * np.sin(2 * np.pi * (200 * t(3.5) + (3800 / 7.0) * t(3.5) ** 2)),
@@ -148,7 +156,9 @@ def _whisper_features(clips: dict[str, np.ndarray], n_mels: int) -> np.ndarray:
     """-> (n_clips, n_mels, 3000): transformers' feature extractor, each clip padded to 30 s."""
     transformers = _require("transformers", "transformers")
     extractor = transformers.WhisperFeatureExtractor(feature_size=n_mels)
-    return extractor(list(clips.values()), sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"].astype(np.float32)
+    return extractor(list(clips.values()), sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"].astype(
+        np.float32
+    )
 
 
 def _ours_audio(encoder: Encoder, clips: dict[str, np.ndarray]) -> np.ndarray:
@@ -190,7 +200,9 @@ def clip_reference(encoder: Encoder, src: Path) -> list[ExampleResult]:
     model = transformers.CLIPModel.from_pretrained(src).eval()
     processor = transformers.CLIPImageProcessorPil.from_pretrained(src)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images.values()], return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images.values()], return_tensors="pt")[
+        "pixel_values"
+    ]
     tokens = tokenizer(list(SAMPLE_TEXTS), padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         image_ref = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
@@ -222,7 +234,9 @@ def validate(name: str) -> ValidationReport:
             src = export_hf(store.load(path), Path(tmp))
         else:
             where = f"its source {source} is gone" if source else "it records no source checkpoint"
-            raise ModelLoadError(f"cannot validate {name!r}: {where}; convert it again from the checkpoint with 'mmembed models convert SRC NAME'")
+            raise ModelLoadError(
+                f"cannot validate {name!r}: {where}; convert it again from the checkpoint with 'mmembed models convert SRC NAME'"
+            )
         reference, run = REFERENCES[detect(src)]
         examples = tuple(run(encoder, src))
     return ValidationReport(encoder.name, encoder.kind, reference, examples)

@@ -44,7 +44,9 @@ class AudioEncoder(nn.Module):
         self.conv1 = nn.Conv1d(dims.n_mels, dims.width, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dims.width, dims.width, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", torch.empty(dims.n_ctx, dims.width))
-        self.blocks = nn.ModuleList(Block(dims.width, dims.heads, dims.hidden, "gelu", norm_first=True) for _ in range(dims.layers))
+        self.blocks = nn.ModuleList(
+            Block(dims.width, dims.heads, dims.hidden, "gelu", norm_first=True) for _ in range(dims.layers)
+        )
         self.ln_post = LayerNorm(dims.width)
 
     def forward(self, mel: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -76,7 +78,9 @@ class WhisperEncoder(Encoder):
         super().__init__(name, stored, options)
         self.dims = WhisperDims(**stored.config)
         if stored.preprocess != audio.settings(self.dims.n_mels):
-            raise ModelLoadError(f"model {name!r}: feature settings {stored.preprocess} differ from Whisper's {audio.settings(self.dims.n_mels)}")
+            raise ModelLoadError(
+                f"model {name!r}: feature settings {stored.preprocess} differ from Whisper's {audio.settings(self.dims.n_mels)}"
+            )
 
     def build(self, stored: StoredModel) -> nn.Module:
         model = AudioEncoder(self.dims)
@@ -200,15 +204,21 @@ def _remap(src: Path, dims: WhisperDims, table: Table, tensors: dict[str, Tensor
     for problem, names in (("missing", used - tensors.keys()), ("unexpected", tensors.keys() - used)):
         if names:
             first, *more = sorted(names)
-            raise ConversionError(f"{src}: {problem} encoder tensor {first!r}" + (f" (and {len(more)} more)" if more else ""))
+            raise ConversionError(
+                f"{src}: {problem} encoder tensor {first!r}" + (f" (and {len(more)} more)" if more else "")
+            )
     out = {}
     for name, keys in table.items():
         parts = [tensors[k].float() if k else torch.zeros(dims.width) for k in keys]
         if len({p.shape[1:] for p in parts}) > 1:
-            raise ConversionError(f"{src}: {', '.join(map(str, keys))} have shapes {[tuple(p.shape) for p in parts]} that do not fuse")
+            raise ConversionError(
+                f"{src}: {', '.join(map(str, keys))} have shapes {[tuple(p.shape) for p in parts]} that do not fuse"
+            )
         t = torch.cat(parts)
         if t.shape != expected[name].shape:
-            raise ConversionError(f"{src}: {' + '.join(k or 'zeros' for k in keys)} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+            raise ConversionError(
+                f"{src}: {' + '.join(k or 'zeros' for k in keys)} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
+            )
         out[name] = t.contiguous()
     return out
 
@@ -270,7 +280,9 @@ def convert_hf(src: Path) -> StoredModel:
         pre = _read_json(src / "preprocessor_config.json")
         pre["n_mels"] = pre.pop("feature_size", dims.n_mels)
         if differ := {k: pre[k] for k, v in audio.settings(dims.n_mels).items() if k in pre and pre[k] != v}:
-            raise ConversionError(f"{src}/preprocessor_config.json: {differ} differ from Whisper's {audio.settings(dims.n_mels)}")
+            raise ConversionError(
+                f"{src}/preprocessor_config.json: {differ} differ from Whisper's {audio.settings(dims.n_mels)}"
+            )
     # WhisperForConditionalGeneration nests the encoder under `model.`; WhisperModel does not.
     found = _hf_tensors(src, lambda k: k.startswith(("model.encoder.", "encoder.")))
     prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in found) else "encoder."

@@ -66,23 +66,177 @@ FILE_ROWS, ROW_GROUP = 1000, 100  # dataset layout: files of 1000 rows, row grou
 WARMUP_ITEMS = 8  # a job this small before the timed ones, so they measure a warm Ray, as a user's second job does
 TEXT_FACTOR = 10  # texts are ~100x cheaper than images: 10x as many keep the fixed costs from dominating
 RETRIEVAL_DIM, TOP_K = 512, 10
-RSS_MODEL = "shapes-clip"  # the memory jobs' model: streaming does not depend on it, and a small one keeps the 20k job short
+RSS_MODEL = (
+    "shapes-clip"  # the memory jobs' model: streaming does not depend on it, and a small one keeps the 20k job short
+)
 WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting (default 15), read when Ray starts
 CHECK_BATCH = 20_000  # input hashes in one incremental check, half of them already embedded
-INDEX_CLUSTERS, INDEX_NOISE = 200, 0.7  # the HNSW store: points around centres (cosine ~0.8 to theirs), like real embeddings
+INDEX_CLUSTERS, INDEX_NOISE = (
+    200,
+    0.7,
+)  # the HNSW store: points around centres (cosine ~0.8 to theirs), like real embeddings
 TOP_PROCESSES = 5  # the largest processes named at a memory peak
 # seconds between memory samples: a sample reads every process's smaps_rollup, ~3 ms each for Ray's workers (they
 # map the whole object store), so sampling every 0.2 s took a third of a core from the jobs it measured
 MEMORY_SAMPLING = 1.0
-WORDS = ["the", "a", "small", "large", "red", "blue", "green", "old", "new", "quiet", "bright", "dark", "cold", "warm", "river", "city", "train", "station", "morning", "evening", "night", "dog", "cat", "bird", "child", "woman", "man", "house", "garden", "road", "bridge", "market", "window", "door", "table", "coffee", "tea", "bread", "apple", "music", "song", "voice", "picture", "camera", "photo", "mountain", "forest", "lake", "sea", "beach", "boat", "ship", "plane", "car", "bus", "street", "light", "rain", "snow", "wind", "sun", "moon", "star", "cloud", "sky", "field", "flower", "tree", "leaf", "stone", "wall", "tower", "church", "school", "office", "book", "letter", "paper", "pen", "phone", "computer", "screen", "game", "ball", "team", "player", "crowd", "festival", "dinner", "kitchen", "chair", "bed", "room", "floor", "walks", "runs", "sits", "stands", "looks", "waits", "opens", "closes", "carries", "holds", "reads", "writes", "sings", "plays", "builds", "paints", "finds", "near", "under", "over", "behind", "beside", "across", "through", "after", "before", "during", "with", "without", "and", "while", "because", "slowly", "quickly", "together", "alone", "again", "today", "yesterday", "tomorrow", "always", "never", "often"]
+WORDS = [
+    "the",
+    "a",
+    "small",
+    "large",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "new",
+    "quiet",
+    "bright",
+    "dark",
+    "cold",
+    "warm",
+    "river",
+    "city",
+    "train",
+    "station",
+    "morning",
+    "evening",
+    "night",
+    "dog",
+    "cat",
+    "bird",
+    "child",
+    "woman",
+    "man",
+    "house",
+    "garden",
+    "road",
+    "bridge",
+    "market",
+    "window",
+    "door",
+    "table",
+    "coffee",
+    "tea",
+    "bread",
+    "apple",
+    "music",
+    "song",
+    "voice",
+    "picture",
+    "camera",
+    "photo",
+    "mountain",
+    "forest",
+    "lake",
+    "sea",
+    "beach",
+    "boat",
+    "ship",
+    "plane",
+    "car",
+    "bus",
+    "street",
+    "light",
+    "rain",
+    "snow",
+    "wind",
+    "sun",
+    "moon",
+    "star",
+    "cloud",
+    "sky",
+    "field",
+    "flower",
+    "tree",
+    "leaf",
+    "stone",
+    "wall",
+    "tower",
+    "church",
+    "school",
+    "office",
+    "book",
+    "letter",
+    "paper",
+    "pen",
+    "phone",
+    "computer",
+    "screen",
+    "game",
+    "ball",
+    "team",
+    "player",
+    "crowd",
+    "festival",
+    "dinner",
+    "kitchen",
+    "chair",
+    "bed",
+    "room",
+    "floor",
+    "walks",
+    "runs",
+    "sits",
+    "stands",
+    "looks",
+    "waits",
+    "opens",
+    "closes",
+    "carries",
+    "holds",
+    "reads",
+    "writes",
+    "sings",
+    "plays",
+    "builds",
+    "paints",
+    "finds",
+    "near",
+    "under",
+    "over",
+    "behind",
+    "beside",
+    "across",
+    "through",
+    "after",
+    "before",
+    "during",
+    "with",
+    "without",
+    "and",
+    "while",
+    "because",
+    "slowly",
+    "quickly",
+    "together",
+    "alone",
+    "again",
+    "today",
+    "yesterday",
+    "tomorrow",
+    "always",
+    "never",
+    "often",
+]
 
 # transformers CLIPConfig keyword arguments: the ViT-B/32 vision tower (and text tower widths).
 CLIP_B32 = {
     "projection_dim": 512,
-    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                      "image_size": 224, "patch_size": 32},
-    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
-                    "max_position_embeddings": 77},
+    "vision_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 224,
+        "patch_size": 32,
+    },
+    "text_config": {
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 77,
+    },
 }
 
 
@@ -102,15 +256,25 @@ class Plan:
     modalities: tuple[str, ...] = MODALITIES
     clip: dict = field(default_factory=lambda: CLIP_B32)  # CLIPConfig kwargs of the image model
     clip_name: str = "bench-clip-b32"
-    baseline_items: dict[str, int] = field(default_factory=lambda: {"image": 256, "audio": 128, "text": 2560})  # steady speed: a sample will do
-    sweep: tuple[tuple[int, int, int], ...] = ((1, 64, 0), (1, 64, 1), (1, 16, 0), (1, 128, 0), (2, 64, 0))  # actors, batch, threads (0: auto)
+    baseline_items: dict[str, int] = field(
+        default_factory=lambda: {"image": 256, "audio": 128, "text": 2560}
+    )  # steady speed: a sample will do
+    sweep: tuple[tuple[int, int, int], ...] = (
+        (1, 64, 0),
+        (1, 64, 1),
+        (1, 16, 0),
+        (1, 128, 0),
+        (2, 64, 0),
+    )  # actors, batch, threads (0: auto)
     sweep_images: int = 500
     query_rows: tuple[int, ...] = (100_000, 1_000_000)
     index_rows: int = 100_000  # the HNSW index against exact search (building it costs minutes per 100k rows)
     queries: int = 20
     naive_queries: int = 5
     rss_images: tuple[int, int] = (2_000, 20_000)
-    bare_reps: int = 15  # batches: 6-13 s of forward here, long enough that a moment of other work on the machine averages out
+    bare_reps: int = (
+        15  # batches: 6-13 s of forward here, long enough that a moment of other work on the machine averages out
+    )
     whole_run: bool = True  # also retrieval, the peak-memory ratio and the 10-item job (they need every modality)
     quick: bool = False
 
@@ -120,9 +284,21 @@ def make_plan(n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITI
     full = modalities == MODALITIES
     if quick:
         n = n or 32
-        return Plan(n=_counts(n), modalities=modalities, sweep=(), sweep_images=n, query_rows=(10_000, 100_000), index_rows=2_000,
-                    queries=10, naive_queries=3, rss_images=(16, 64), bare_reps=1, whole_run=full, quick=True,
-                    baseline_items={"image": n, "audio": max(1, n // 2), "text": TEXT_FACTOR * n})
+        return Plan(
+            n=_counts(n),
+            modalities=modalities,
+            sweep=(),
+            sweep_images=n,
+            query_rows=(10_000, 100_000),
+            index_rows=2_000,
+            queries=10,
+            naive_queries=3,
+            rss_images=(16, 64),
+            bare_reps=1,
+            whole_run=full,
+            quick=True,
+            baseline_items={"image": n, "audio": max(1, n // 2), "text": TEXT_FACTOR * n},
+        )
     return Plan(n=_counts(n or 1000), modalities=modalities, whole_run=full)
 
 
@@ -145,7 +321,9 @@ def make_image(rng: np.random.Generator, noise: Image.Image) -> bytes:
         elif kind == 1:
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
-            draw.polygon([(int(x), int(y)) for x, y in zip(rng.integers(x0, x1, 3), rng.integers(y0, y1, 3))], fill=fill)
+            draw.polygon(
+                [(int(x), int(y)) for x, y in zip(rng.integers(x0, x1, 3), rng.integers(y0, y1, 3))], fill=fill
+            )
     left, top = rng.integers(0, noise.width - width + 1), rng.integers(0, noise.height - height + 1)
     picture = Image.blend(picture, noise.crop((left, top, left + width, top + height)), float(rng.uniform(0.04, 0.2)))
     buf = io.BytesIO()
@@ -193,7 +371,9 @@ def generate(modality: str, n: int, seed: int = 0) -> Iterator[tuple[str, bytes 
     return ((f"text-{i:06d}.txt", make_text(rng)) for i in range(n))
 
 
-DATASET_SCHEMA = pa.schema([("id", pa.string()), ("modality", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("text", pa.string())])
+DATASET_SCHEMA = pa.schema(
+    [("id", pa.string()), ("modality", pa.string()), ("uri", pa.string()), ("data", pa.binary()), ("text", pa.string())]
+)
 
 
 def write_dataset(dest: Path, items: dict[str, int], seed: int = 0) -> Path:
@@ -208,14 +388,25 @@ def write_dataset(dest: Path, items: dict[str, int], seed: int = 0) -> Path:
 
     def flush():
         nonlocal rows, files
-        pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), tmp / f"part-{files:05d}.parquet", row_group_size=ROW_GROUP)
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=DATASET_SCHEMA),
+            tmp / f"part-{files:05d}.parquet",
+            row_group_size=ROW_GROUP,
+        )
         rows, files = [], files + 1
 
     for modality, n in items.items():
         for id_, value in generate(modality, n, seed):
             is_text = isinstance(value, str)
-            rows.append({"id": id_, "modality": modality, "uri": f"bench://{modality}/{id_}",
-                         "data": None if is_text else value, "text": value if is_text else None})
+            rows.append(
+                {
+                    "id": id_,
+                    "modality": modality,
+                    "uri": f"bench://{modality}/{id_}",
+                    "data": None if is_text else value,
+                    "text": value if is_text else None,
+                }
+            )
             if len(rows) == FILE_ROWS:
                 flush()
     if rows:
@@ -254,11 +445,18 @@ def bench_clip(name: str, clip_config: dict) -> Path:
     tmp = src.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = train_tokenizer([" ".join(WORDS)] * 4, 600)  # the text tower is not benchmarked: a small vocabulary will do
+    tokenizer = train_tokenizer(
+        [" ".join(WORDS)] * 4, 600
+    )  # the text tower is not benchmarked: a small vocabulary will do
     (tmp / "tokenizer.json").write_text(tokenizer)
     vocab = Tokenizer.from_str(tokenizer).get_vocab()
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
-    text = clip_config["text_config"] | {"vocab_size": len(vocab), "eos_token_id": eos, "bos_token_id": bos, "pad_token_id": eos}
+    text = clip_config["text_config"] | {
+        "vocab_size": len(vocab),
+        "eos_token_id": eos,
+        "bos_token_id": bos,
+        "pad_token_id": eos,
+    }
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(**(clip_config | {"text_config": text}))).save_pretrained(tmp)
     size = clip_config["vision_config"]["image_size"]
@@ -277,8 +475,15 @@ def hf_whisper_encoder(name: str):
 
     stored = weight_store.load(registry.resolve(name))
     dims = WhisperDims(**stored.config)
-    config = WhisperConfig(num_mel_bins=dims.n_mels, max_source_positions=dims.n_ctx, d_model=dims.width, encoder_layers=dims.layers,
-                           encoder_attention_heads=dims.heads, encoder_ffn_dim=dims.hidden, decoder_layers=1)
+    config = WhisperConfig(
+        num_mel_bins=dims.n_mels,
+        max_source_positions=dims.n_ctx,
+        d_model=dims.width,
+        encoder_layers=dims.layers,
+        encoder_attention_heads=dims.heads,
+        encoder_ffn_dim=dims.hidden,
+        decoder_layers=1,
+    )
     state = {}
     for ours, parts in _hf_table(dims.layers).items():
         for hf, tensor in zip(parts, stored.tensors[ours].chunk(len(parts))):
@@ -364,8 +569,10 @@ class PeakMemory:
     5-7% of a core, taken from the pipelines being timed; a sample now takes ~2 ms in all.
     """
 
-    METHOD = (f"sum of private memory (RssAnon, /proc/PID/status) over the process tree incl. Ray GCS, raylet and workers, "
-              f"plus /dev/shm in use above its level at the start (Ray's object store), sampled every {MEMORY_SAMPLING:g} s")
+    METHOD = (
+        f"sum of private memory (RssAnon, /proc/PID/status) over the process tree incl. Ray GCS, raylet and workers, "
+        f"plus /dev/shm in use above its level at the start (Ray's object store), sampled every {MEMORY_SAMPLING:g} s"
+    )
 
     def __init__(self, pid: int | None = None, interval: float = MEMORY_SAMPLING):
         self.pid, self.interval = pid or os.getpid(), interval
@@ -403,23 +610,45 @@ class PeakMemory:
         self._thread.join()
 
 
-def pipeline(dataset: Path, root: Path, modality: str, model: str, dtype: str, actors: int = 1, batch: int | None = None,
-             threads: int = 0) -> dict:
+def pipeline(
+    dataset: Path,
+    root: Path,
+    modality: str,
+    model: str,
+    dtype: str,
+    actors: int = 1,
+    batch: int | None = None,
+    threads: int = 0,
+) -> dict:
     """One `run_job` job into a fresh store: items/s end to end, the job's stage seconds, peak memory."""
     shutil.rmtree(root, ignore_errors=True)
-    overrides = {"input": str(dataset), "root": str(root), "models": {modality: [model]}, "dtype": dtype, "actors": actors,
-                 "threads_per_actor": threads, "device": "auto"}
+    overrides = {
+        "input": str(dataset),
+        "root": str(root),
+        "models": {modality: [model]},
+        "dtype": dtype,
+        "actors": actors,
+        "threads_per_actor": threads,
+        "device": "auto",
+    }
     if batch:
         overrides["batch_size"] = {modality: batch}
     with PeakMemory() as memory:
         record = run_job(config.load(None, overrides), log=io.StringIO())
     counts = record["counts"][f"{modality}/{model}"]
     if counts["errored"]:
-        raise BenchError(f"{counts['errored']} {modality} item(s) failed in the pipeline; see the errors table in {root}")
+        raise BenchError(
+            f"{counts['errored']} {modality} item(s) failed in the pipeline; see the errors table in {root}"
+        )
     stages = record["stages_s"]
-    return {"items": counts["embedded"], "items_per_s": sig(counts["embedded"] / stages["wall"]), "stages_s": stages,
-            "encode_items_per_s": sig(counts["embedded"] / stages["encode_s"]) if stages.get("encode_s") else None,
-            "peak_rss_mb": memory.peak_mb, "largest_at_peak": memory.largest()}
+    return {
+        "items": counts["embedded"],
+        "items_per_s": sig(counts["embedded"] / stages["wall"]),
+        "stages_s": stages,
+        "encode_items_per_s": sig(counts["embedded"] / stages["encode_s"]) if stages.get("encode_s") else None,
+        "peak_rss_mb": memory.peak_mb,
+        "largest_at_peak": memory.largest(),
+    }
 
 
 def stored_embeddings(root: Path) -> np.ndarray:
@@ -459,7 +688,9 @@ def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, f
         model = CLIPModel.from_pretrained(src).eval().to(device)
 
         def embed(chunk):
-            pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in chunk], return_tensors="pt")["pixel_values"]
+            pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in chunk], return_tensors="pt")[
+                "pixel_values"
+            ]
             return model.get_image_features(pixel_values=pixels.to(device)).pooler_output
 
         what = "transformers CLIPImageProcessorPil + CLIPModel.get_image_features"
@@ -550,7 +781,9 @@ def warm_up(plan: Plan, work: Path) -> float:
     modality = plan.modalities[-1]  # text when it is measured: the cheapest
     log(f"warm-up: a {WARMUP_ITEMS}-item {modality} job")
     dataset = write_dataset(work / "data" / f"{modality}-{WARMUP_ITEMS}", {modality: WARMUP_ITEMS})
-    return pipeline(dataset, work / "stores" / "warmup", modality, model_for(modality, plan), "float32")["stages_s"]["wall"]
+    return pipeline(dataset, work / "stores" / "warmup", modality, model_for(modality, plan), "float32")["stages_s"][
+        "wall"
+    ]
 
 
 def measure_sweep(plan: Plan, work: Path) -> list[dict]:
@@ -561,20 +794,31 @@ def measure_sweep(plan: Plan, work: Path) -> list[dict]:
     for actors, batch, threads in plan.sweep:
         log(f"sweep: {actors} actor(s), batch {batch}, threads {threads or 'auto'}")
         try:
-            result = pipeline(dataset, work / "stores" / "sweep", "image", plan.clip_name, "float32", actors, batch, threads)
+            result = pipeline(
+                dataset, work / "stores" / "sweep", "image", plan.clip_name, "float32", actors, batch, threads
+            )
         except ResourceError as e:
             points.append({"actors": actors, "batch": batch, "threads": threads, "skipped": str(e)})
             continue
-        points.append({"actors": actors, "batch": batch, "threads": threads, "items_per_s": result["items_per_s"],
-                       "encode_items_per_s": result["encode_items_per_s"], "peak_rss_mb": result["peak_rss_mb"]})
+        points.append(
+            {
+                "actors": actors,
+                "batch": batch,
+                "threads": threads,
+                "items_per_s": result["items_per_s"],
+                "encode_items_per_s": result["encode_items_per_s"],
+                "peak_rss_mb": result["peak_rss_mb"],
+            }
+        )
     return points
 
 
 # -- retrieval ------------------------------------------------------------------------------
 
 
-def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors",
-                       centres: np.ndarray | None = None) -> str:
+def write_vector_store(
+    root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors", centres: np.ndarray | None = None
+) -> str:
     """A committed store of `rows` random unit vectors (dim 512) under modality=image/model=`model`:
     uniform, or scattered around `centres` (see `around`)."""
     import hashlib
@@ -587,15 +831,24 @@ def write_vector_store(root: Path, rows: int, rng: np.random.Generator, model: s
     now = datetime.now(UTC)
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
-        vectors = rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
+        vectors = (
+            rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
+        )
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = [f"v{i:08d}" for i in range(start, start + n)]
-        table = pa.table({
-            "id": ids, "uri": [f"bench://{i}" for i in ids], "source": ["bench"] * n,
-            "content_hash": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), RETRIEVAL_DIM),
-            "model_digest": ["random"] * n, "job_id": [job] * n, "created_at": pa.array([now] * n, TIMESTAMP),
-        }, schema=embedding_schema(RETRIEVAL_DIM))
+        table = pa.table(
+            {
+                "id": ids,
+                "uri": [f"bench://{i}" for i in ids],
+                "source": ["bench"] * n,
+                "content_hash": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), RETRIEVAL_DIM),
+                "model_digest": ["random"] * n,
+                "job_id": [job] * n,
+                "created_at": pa.array([now] * n, TIMESTAMP),
+            },
+            schema=embedding_schema(RETRIEVAL_DIM),
+        )
         files.append(store.write_embeddings("image", model, table))
     store.commit(job, files)
     return model
@@ -639,9 +892,13 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     if numpy_first != first["id"].to_pylist():
         raise BenchError("search and numpy brute force disagree on the top-10")
     con = duckdb_connection()
-    sql = (f"SELECT id, array_cosine_similarity(embedding::FLOAT[{RETRIEVAL_DIM}], ?::FLOAT[{RETRIEVAL_DIM}]) AS score "
-           "FROM read_parquet(?) ORDER BY score DESC LIMIT 10")
-    naive_s = [timed(lambda q=q: con.execute(sql, [q.tolist(), files]).fetchall())[0] for q in queries[: plan.naive_queries]]
+    sql = (
+        f"SELECT id, array_cosine_similarity(embedding::FLOAT[{RETRIEVAL_DIM}], ?::FLOAT[{RETRIEVAL_DIM}]) AS score "
+        "FROM read_parquet(?) ORDER BY score DESC LIMIT 10"
+    )
+    naive_s = [
+        timed(lambda q=q: con.execute(sql, [q.tolist(), files]).fetchall())[0] for q in queries[: plan.naive_queries]
+    ]
     hashes = pq.read_table(files, columns=["content_hash"])["content_hash"]
     half = min(CHECK_BATCH // 2, rows)
     fresh = pa.array([f"{i:064x}" for i in range(half)])
@@ -650,9 +907,14 @@ def measure_retrieval(rows: int, plan: Plan, work: Path) -> dict:
     if int(done_all[1].sum()) != rows or int(done_some[1].sum()) != half:
         raise BenchError("Store.done_keys did not find the committed rows")
     return {
-        "rows": rows, "dim": RETRIEVAL_DIM, "k": TOP_K,
-        "search_first_call_s": round(cold, 3), "search_ms": percentiles(search_s), "numpy_ms": percentiles(numpy_s),
-        "naive_duckdb_ms": percentiles(naive_s), "done_keys_s": {"batch": 2 * half, "half_new": round(done_some[0], 3), "all_rows": round(done_all[0], 3)},
+        "rows": rows,
+        "dim": RETRIEVAL_DIM,
+        "k": TOP_K,
+        "search_first_call_s": round(cold, 3),
+        "search_ms": percentiles(search_s),
+        "numpy_ms": percentiles(numpy_s),
+        "naive_duckdb_ms": percentiles(naive_s),
+        "done_keys_s": {"batch": 2 * half, "half_new": round(done_some[0], 3), "all_rows": round(done_all[0], 3)},
     }
 
 
@@ -678,9 +940,16 @@ def measure_index(rows: int, plan: Plan, work: Path) -> dict:
         exact_s.append(seconds)
         found += len(set(got["id"].to_pylist()) & set(want["id"].to_pylist()))
     return {
-        "rows": rows, "dim": RETRIEVAL_DIM, "k": TOP_K, "clusters": INDEX_CLUSTERS, "build_s": round(build_s, 2),
-        "index_mb": round(index_path(Store(str(root)), "image", model).stat().st_size / 1e6, 1), "first_call_s": round(cold, 3),
-        "hnsw_ms": percentiles(hnsw_s), "exact_ms": percentiles(exact_s), "recall_at_10": round(found / (TOP_K * len(queries)), 4),
+        "rows": rows,
+        "dim": RETRIEVAL_DIM,
+        "k": TOP_K,
+        "clusters": INDEX_CLUSTERS,
+        "build_s": round(build_s, 2),
+        "index_mb": round(index_path(Store(str(root)), "image", model).stat().st_size / 1e6, 1),
+        "first_call_s": round(cold, 3),
+        "hnsw_ms": percentiles(hnsw_s),
+        "exact_ms": percentiles(exact_s),
+        "recall_at_10": round(found / (TOP_K * len(queries)), 4),
     }
 
 
@@ -698,10 +967,17 @@ def cli_job(dataset: Path, root: Path, models: dict[str, str], dtype: str = "flo
         stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode:
-        raise BenchError(f"{' '.join(command[1:4])} ... failed ({proc.returncode}): {stderr.strip().splitlines()[-1:] or ''}")
+        raise BenchError(
+            f"{' '.join(command[1:4])} ... failed ({proc.returncode}): {stderr.strip().splitlines()[-1:] or ''}"
+        )
     record = json.loads(stdout)
-    return {"seconds": round(seconds, 2), "job_wall_s": record["stages_s"]["wall"], "stages_s": record["stages_s"],
-            "peak_rss_mb": memory.peak_mb, "largest_at_peak": memory.largest()}
+    return {
+        "seconds": round(seconds, 2),
+        "job_wall_s": record["stages_s"]["wall"],
+        "stages_s": record["stages_s"],
+        "peak_rss_mb": memory.peak_mb,
+        "largest_at_peak": memory.largest(),
+    }
 
 
 def measure_memory(plan: Plan, work: Path) -> dict:
@@ -731,11 +1007,22 @@ def machine() -> dict:
 
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     device = _device()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def sig(x: float) -> float:
@@ -771,7 +1058,9 @@ def summarize(result: dict) -> None:
         "text_fp32_vs_st": _ratio(rate("text", "pipeline"), rate("text", "baseline")),
         "text_bf16_vs_st": _ratio(rate("text", "pipeline", "bfloat16"), rate("text", "baseline")),
         "text_fp32_vs_bare": _ratio(rate("text", "pipeline"), rate("text", "bare")),
-        "query_1m_vs_naive": _ratio(largest["naive_duckdb_ms"]["p50"], largest["search_ms"]["p50"]) if largest else None,
+        "query_1m_vs_naive": _ratio(largest["naive_duckdb_ms"]["p50"], largest["search_ms"]["p50"])
+        if largest
+        else None,
         "peak_rss_ratio_20k_vs_2k": rss,
     }
     result["latency_ms"] = {
@@ -798,7 +1087,12 @@ def summarize(result: dict) -> None:
         ("10-item job end to end (s)", lat["job_10_items_s"], "<=", 15.0),
     ]
     result["targets"] = [
-        {"target": name, "value": value, "goal": f"{op} {goal}", "met": None if value is None else (value >= goal if op == ">=" else value <= goal)}
+        {
+            "target": name,
+            "value": value,
+            "goal": f"{op} {goal}",
+            "met": None if value is None else (value >= goal if op == ">=" else value <= goal),
+        }
         for name, value, op, goal in checks
     ]
 
@@ -806,9 +1100,15 @@ def summarize(result: dict) -> None:
 def measure(plan: Plan, out: Path) -> dict:
     """Run every measurement of `plan`, with datasets and stores under `out`; -> the result document."""
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"version": 1, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "quick": plan.quick,
-                    "machine": machine(), "plan": dataclasses.asdict(plan), "modalities": {}}
+    result: dict = {
+        "version": 1,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": plan.quick,
+        "machine": machine(),
+        "plan": dataclasses.asdict(plan),
+        "modalities": {},
+    }
     result["plan"].pop("clip")
     started = time.perf_counter()
     if "image" in plan.modalities:
@@ -858,73 +1158,212 @@ def _fmt(value) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows),
+    ]
 
 
 def markdown(result: dict) -> str:
     """The result as markdown tables: throughput, stages, sweep, retrieval, memory and fixed cost, targets."""
     mach = result["machine"]
-    lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} threads), device {mach['device']}"
-             f"{' ' + mach['gpu'] if mach['gpu'] else ''}; load average (1, 5, 15 min) at start {mach['load_avg_at_start']}, "
-             f"at end {mach.get('load_avg_at_end')}. "
-             f"{'Quick run. ' if result['quick'] else ''}Total {result['total_s']} s.", ""]
+    lines = [
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} threads), device {mach['device']}"
+        f"{' ' + mach['gpu'] if mach['gpu'] else ''}; load average (1, 5, 15 min) at start {mach['load_avg_at_start']}, "
+        f"at end {mach.get('load_avg_at_end')}. "
+        f"{'Quick run. ' if result['quick'] else ''}Total {result['total_s']} s.",
+        "",
+    ]
     m = result["modalities"]
     if m:
         lines += ["### Pipeline throughput (items/s)", ""]
-        rows = [[mod, r["model"], r["items"], r["pipeline"]["float32"]["items_per_s"], r["pipeline"]["bfloat16"]["items_per_s"],
-                 r["baseline"]["items_per_s"], r["bare"]["float32"]["items_per_s"], r["bare"]["bfloat16"]["items_per_s"],
-                 _ratio(r["pipeline"]["float32"]["items_per_s"], r["baseline"]["items_per_s"]),
-                 _ratio(r["pipeline"]["bfloat16"]["items_per_s"], r["baseline"]["items_per_s"]),
-                 _ratio(r["pipeline"]["float32"]["items_per_s"], r["bare"]["float32"]["items_per_s"])] for mod, r in m.items()]
-        lines += _table(["modality", "model", "N", "pipeline fp32", "pipeline bf16", "baseline fp32", "bare fp32", "bare bf16",
-                         "fp32 / baseline", "bf16 / baseline", "fp32 / bare"], rows)
+        rows = [
+            [
+                mod,
+                r["model"],
+                r["items"],
+                r["pipeline"]["float32"]["items_per_s"],
+                r["pipeline"]["bfloat16"]["items_per_s"],
+                r["baseline"]["items_per_s"],
+                r["bare"]["float32"]["items_per_s"],
+                r["bare"]["bfloat16"]["items_per_s"],
+                _ratio(r["pipeline"]["float32"]["items_per_s"], r["baseline"]["items_per_s"]),
+                _ratio(r["pipeline"]["bfloat16"]["items_per_s"], r["baseline"]["items_per_s"]),
+                _ratio(r["pipeline"]["float32"]["items_per_s"], r["bare"]["float32"]["items_per_s"]),
+            ]
+            for mod, r in m.items()
+        ]
+        lines += _table(
+            [
+                "modality",
+                "model",
+                "N",
+                "pipeline fp32",
+                "pipeline bf16",
+                "baseline fp32",
+                "bare fp32",
+                "bare bf16",
+                "fp32 / baseline",
+                "bf16 / baseline",
+                "fp32 / bare",
+            ],
+            rows,
+        )
         lines += ["", "Baselines: " + "; ".join(f"{mod}: {r['baseline']['what']}" for mod, r in m.items()) + ".", ""]
         lines += ["### Pipeline stages (seconds; preprocess/encode/write are summed task time)", ""]
-        rows = [[mod, dtype, p["stages_s"].get("wall"), p["stages_s"].get("list"), p["stages_s"].get("preprocess_s"),
-                 p["stages_s"].get("encode_s"), p["stages_s"].get("write_s"), p["encode_items_per_s"], p["peak_rss_mb"]]
-                for mod, r in m.items() for dtype, p in r["pipeline"].items()]
-        lines += _table(["modality", "dtype", "wall", "list", "preprocess", "encode", "write", "encode items/s", "peak memory MB"], rows)
-        rows = [[mod, r["preprocess_costs"]["decode_ms"], r["preprocess_costs"]["preprocess_ms"],
-                 *(f"{c:.5f}" for c in r["cosine_min"].values())] for mod, r in m.items()]
-        lines += ["", "Per item on one thread (ms), and the lowest cosine per pair (audio: the baseline against our padded mode):", ""]
-        lines += _table(["modality", "decode", "decode + preprocess", "cosine bf16 vs fp32", "cosine vs baseline"], rows)
+        rows = [
+            [
+                mod,
+                dtype,
+                p["stages_s"].get("wall"),
+                p["stages_s"].get("list"),
+                p["stages_s"].get("preprocess_s"),
+                p["stages_s"].get("encode_s"),
+                p["stages_s"].get("write_s"),
+                p["encode_items_per_s"],
+                p["peak_rss_mb"],
+            ]
+            for mod, r in m.items()
+            for dtype, p in r["pipeline"].items()
+        ]
+        lines += _table(
+            ["modality", "dtype", "wall", "list", "preprocess", "encode", "write", "encode items/s", "peak memory MB"],
+            rows,
+        )
+        rows = [
+            [
+                mod,
+                r["preprocess_costs"]["decode_ms"],
+                r["preprocess_costs"]["preprocess_ms"],
+                *(f"{c:.5f}" for c in r["cosine_min"].values()),
+            ]
+            for mod, r in m.items()
+        ]
+        lines += [
+            "",
+            "Per item on one thread (ms), and the lowest cosine per pair (audio: the baseline against our padded mode):",
+            "",
+        ]
+        lines += _table(
+            ["modality", "decode", "decode + preprocess", "cosine bf16 vs fp32", "cosine vs baseline"], rows
+        )
         lines.append("")
     if result.get("sweep"):
-        lines += ["### Image pipeline sweep (fp32): actors x batch x threads per actor (0 = auto: the node's CPUs shared by the actors)", ""]
-        lines += _table(["actors", "batch", "threads", "items/s", "encode items/s", "peak memory MB", "note"],
-                        [[p["actors"], p["batch"], p["threads"], p.get("items_per_s"), p.get("encode_items_per_s"), p.get("peak_rss_mb"),
-                          p.get("skipped", "")] for p in result["sweep"]])
+        lines += [
+            "### Image pipeline sweep (fp32): actors x batch x threads per actor (0 = auto: the node's CPUs shared by the actors)",
+            "",
+        ]
+        lines += _table(
+            ["actors", "batch", "threads", "items/s", "encode items/s", "peak memory MB", "note"],
+            [
+                [
+                    p["actors"],
+                    p["batch"],
+                    p["threads"],
+                    p.get("items_per_s"),
+                    p.get("encode_items_per_s"),
+                    p.get("peak_rss_mb"),
+                    p.get("skipped", ""),
+                ]
+                for p in result["sweep"]
+            ],
+        )
         lines.append("")
     if result.get("retrieval"):
         lines += ["### Retrieval: top-10 over random 512-d unit vectors (ms)", ""]
-        lines += _table(["rows", "search p50", "search p95", "numpy p50", "naive DuckDB p50", "naive / search", "search first call (s)",
-                         "done_keys 20k, half new (s)", "done_keys all rows (s)"],
-                        [[r["rows"], r["search_ms"]["p50"], r["search_ms"]["p95"], r["numpy_ms"]["p50"], r["naive_duckdb_ms"]["p50"],
-                          _ratio(r["naive_duckdb_ms"]["p50"], r["search_ms"]["p50"]), r["search_first_call_s"],
-                          r["done_keys_s"]["half_new"], r["done_keys_s"]["all_rows"]] for r in result["retrieval"]])
+        lines += _table(
+            [
+                "rows",
+                "search p50",
+                "search p95",
+                "numpy p50",
+                "naive DuckDB p50",
+                "naive / search",
+                "search first call (s)",
+                "done_keys 20k, half new (s)",
+                "done_keys all rows (s)",
+            ],
+            [
+                [
+                    r["rows"],
+                    r["search_ms"]["p50"],
+                    r["search_ms"]["p95"],
+                    r["numpy_ms"]["p50"],
+                    r["naive_duckdb_ms"]["p50"],
+                    _ratio(r["naive_duckdb_ms"]["p50"], r["search_ms"]["p50"]),
+                    r["search_first_call_s"],
+                    r["done_keys_s"]["half_new"],
+                    r["done_keys_s"]["all_rows"],
+                ]
+                for r in result["retrieval"]
+            ],
+        )
         lines.append("")
     if result.get("index"):
         x = result["index"]
-        lines += [f"### HNSW index (`mmembed index`) vs exact search: top-10 over {x['rows']} 512-d vectors in {x['clusters']} clusters", ""]
-        lines += _table(["build (s)", "index MB", "HNSW p50 (ms)", "HNSW p95", "exact p50", "exact p95", "recall@10", "first call (s)"],
-                        [[x["build_s"], x["index_mb"], x["hnsw_ms"]["p50"], x["hnsw_ms"]["p95"], x["exact_ms"]["p50"],
-                          x["exact_ms"]["p95"], x["recall_at_10"], x["first_call_s"]]])
+        lines += [
+            f"### HNSW index (`mmembed index`) vs exact search: top-10 over {x['rows']} 512-d vectors in {x['clusters']} clusters",
+            "",
+        ]
+        lines += _table(
+            [
+                "build (s)",
+                "index MB",
+                "HNSW p50 (ms)",
+                "HNSW p95",
+                "exact p50",
+                "exact p95",
+                "recall@10",
+                "first call (s)",
+            ],
+            [
+                [
+                    x["build_s"],
+                    x["index_mb"],
+                    x["hnsw_ms"]["p50"],
+                    x["hnsw_ms"]["p95"],
+                    x["exact_ms"]["p50"],
+                    x["exact_ms"]["p95"],
+                    x["recall_at_10"],
+                    x["first_call_s"],
+                ]
+            ],
+        )
         lines.append("")
     if result.get("memory"):
         mem, fixed = result["memory"], result["fixed_cost"]
         lines += ["### Memory and fixed cost (subprocess `mmembed embed`, fresh Ray)", ""]
         rows = [[f"{j['images']} images", j["seconds"], j["job_wall_s"], j["peak_rss_mb"]] for j in mem["jobs"]]
-        rows.append([f"{fixed['items']} items (4 image, 3 audio, 3 text)", fixed["seconds"], fixed["job_wall_s"], fixed["peak_rss_mb"]])
+        rows.append(
+            [
+                f"{fixed['items']} items (4 image, 3 audio, 3 text)",
+                fixed["seconds"],
+                fixed["job_wall_s"],
+                fixed["peak_rss_mb"],
+            ]
+        )
         lines += _table(["job", "seconds end to end", "job wall (s)", "peak memory MB"], rows)
-        lines += ["", f"Image jobs with {mem['model']} in {mem['dtype']}. Peak memory ratio large / small: {mem['ratio']}. Method: {mem['method']}.", ""]
+        lines += [
+            "",
+            f"Image jobs with {mem['model']} in {mem['dtype']}. Peak memory ratio large / small: {mem['ratio']}. Method: {mem['method']}.",
+            "",
+        ]
     lines += ["### Targets", ""]
-    lines += _table(["target", "value", "goal", "met"], [[t["target"], t["value"], t["goal"], t["met"]] for t in result["targets"]])
+    lines += _table(
+        ["target", "value", "goal", "met"], [[t["target"], t["value"], t["goal"], t["met"]] for t in result["targets"]]
+    )
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> Path:
     """A PNG: per modality, items/s of each way of embedding relative to the reference baseline; then the sweep."""
-    bars = [("pipeline fp32", (31, 119, 180)), ("pipeline bf16", (255, 127, 14)), ("bare fp32", (44, 160, 44)), ("bare bf16", (214, 39, 40))]
+    bars = [
+        ("pipeline fp32", (31, 119, 180)),
+        ("pipeline bf16", (255, 127, 14)),
+        ("bare fp32", (44, 160, 44)),
+        ("bare bf16", (214, 39, 40)),
+    ]
     m = result["modalities"]
     sweep = [p for p in result.get("sweep") or [] if "items_per_s" in p]
     width, panel = 900, 320
@@ -932,8 +1371,15 @@ def plot(result: dict, path: Path) -> Path:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=14)
     draw.text((10, 8), "items/s relative to the reference baseline (= 1, dashed)", fill="black", font=font)
-    values = {mod: [r["pipeline"]["float32"]["items_per_s"], r["pipeline"]["bfloat16"]["items_per_s"],
-                    r["bare"]["float32"]["items_per_s"], r["bare"]["bfloat16"]["items_per_s"]] for mod, r in m.items()}
+    values = {
+        mod: [
+            r["pipeline"]["float32"]["items_per_s"],
+            r["pipeline"]["bfloat16"]["items_per_s"],
+            r["bare"]["float32"]["items_per_s"],
+            r["bare"]["bfloat16"]["items_per_s"],
+        ]
+        for mod, r in m.items()
+    }
     rel = {mod: [v / m[mod]["baseline"]["items_per_s"] for v in vs] for mod, vs in values.items()}
     top = max([1.0, *(v for vs in rel.values() for v in vs)]) * 1.1
     x0, y0, y1 = 60, 40, panel

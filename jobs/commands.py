@@ -31,7 +31,9 @@ USER_ERRORS = (EncoderError, ConfigError, SourceError, ResourceError, StoreError
 
 def _options(args: argparse.Namespace, **extra) -> Options:
     device = getattr(args, "device", None)
-    return Options(device=None if device in (None, "auto") else device, dtype=getattr(args, "dtype", None) or "float32", **extra)
+    return Options(
+        device=None if device in (None, "auto") else device, dtype=getattr(args, "dtype", None) or "float32", **extra
+    )
 
 
 def encode(args: argparse.Namespace) -> int:
@@ -47,7 +49,9 @@ def encode(args: argparse.Namespace) -> int:
             raw = text if text is not None else Path(name).read_bytes()
             encoder.check_modality(modality)
             vector = encoder.encode(modality, [raw])[0]
-            results.append({"id": name, "model": encoder.name, "dim": int(vector.shape[0]), "embedding": vector.tolist()})
+            results.append(
+                {"id": name, "model": encoder.name, "dim": int(vector.shape[0]), "embedding": vector.tolist()}
+            )
         except (EncoderError, OSError) as e:
             results.append({"id": name, "error": str(e)})
     for r in results:
@@ -56,7 +60,9 @@ def encode(args: argparse.Namespace) -> int:
         elif "error" in r:
             print(f"{r['id']}: error: {r['error']}", file=sys.stderr)
     if not args.json:
-        output.table([{"id": r["id"], "dim": r["dim"], "embedding": r["embedding"]} for r in results if "error" not in r])
+        output.table(
+            [{"id": r["id"], "dim": r["dim"], "embedding": r["embedding"]} for r in results if "error" not in r]
+        )
     return 0 if any("error" not in r for r in results) else 1
 
 
@@ -65,7 +71,9 @@ def embed(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("input", args.input), ("root", args.root)) if v}
     if args.address or args.allow_local_root:
-        overrides["ray"] = {k: v for k, v in (("address", args.address), ("allow_local_root", args.allow_local_root)) if v}
+        overrides["ray"] = {
+            k: v for k, v in (("address", args.address), ("allow_local_root", args.allow_local_root)) if v
+        }
     for key in ("actors", "dtype", "device", "whisper_mode", "commit_every"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
@@ -88,10 +96,18 @@ def _report(record: dict, as_json: bool) -> None:
     if as_json:
         output.emit_json(record)
     else:
-        output.table([{"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored")}} for k, v in record["counts"].items()])
+        output.table(
+            [
+                {"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored")}}
+                for k, v in record["counts"].items()
+            ]
+        )
         s = summary(record)
-        print(f"job {s['job_id']}: {s['embedded']} embedded, {s['errored']} errored, {s['already_done']} already done, "
-              f"{s['skipped_files']} files skipped", file=sys.stderr)
+        print(
+            f"job {s['job_id']}: {s['embedded']} embedded, {s['errored']} errored, {s['already_done']} already done, "
+            f"{s['skipped_files']} files skipped",
+            file=sys.stderr,
+        )
         for missing in record.get("missing_inputs", []):
             print(f"input gone: {missing['input']} ({missing['reason']})", file=sys.stderr)
 
@@ -128,7 +144,9 @@ def schedule(args: argparse.Namespace) -> int:
     from .run import embed_locked
     from .schedule import Scheduler
 
-    configs = [config.load(path, {"name": config.read_yaml(path).get("name") or Path(path).stem}) for path in args.configs]
+    configs = [
+        config.load(path, {"name": config.read_yaml(path).get("name") or Path(path).stem}) for path in args.configs
+    ]
     for cfg in configs:
         if not cfg.input or not cfg.root:
             raise ConfigError(f"job {cfg.name!r}: a scheduled job needs `input` and `root` in its config")
@@ -138,7 +156,10 @@ def schedule(args: argparse.Namespace) -> int:
         return 0
     results = scheduler.run_once()
     for r in results:
-        print(f"{r['job']}: {r['status']} (scheduled {r['scheduled']}){': ' + str(r['error']) if r.get('error') else ''}", file=sys.stderr)
+        print(
+            f"{r['job']}: {r['status']} (scheduled {r['scheduled']}){': ' + str(r['error']) if r.get('error') else ''}",
+            file=sys.stderr,
+        )
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
 
@@ -165,7 +186,9 @@ def _pick_model(root: str, modality: str, query_modality: str, model: str | None
     models = sorted({m for mod, m in Store(root).partitions("embeddings") if mod == modality})
     if model:
         if model not in models:
-            raise QueryError(f"no {modality} embeddings from model {model!r} in {root} (models there: {', '.join(models) or 'none'})")
+            raise QueryError(
+                f"no {modality} embeddings from model {model!r} in {root} (models there: {', '.join(models) or 'none'})"
+            )
         return model
     able = [m for m in models if query_modality in cached_encoder(m).modalities]
     if not able:
@@ -176,7 +199,9 @@ def _pick_model(root: str, modality: str, query_modality: str, model: str | None
 
 
 def query(args: argparse.Namespace) -> int:
-    query_modality, value = next((m, v) for m, v in (("text", args.text), ("image", args.image), ("audio", args.audio)) if v is not None)
+    query_modality, value = next(
+        (m, v) for m, v in (("text", args.text), ("image", args.image), ("audio", args.audio)) if v is not None
+    )
     modality = args.modality or query_modality
     if not Path(args.root).exists() and "://" not in args.root:
         raise QueryError(f"no store at {args.root}")
@@ -184,8 +209,16 @@ def query(args: argparse.Namespace) -> int:
     vector = embed_query(model, query_modality, value)
     if not args.exact and args.where is None:
         _note_index(args.root, modality, model)
-    rows = search(args.root, vector, modality, model, k=args.k, where=args.where, use_index=not args.exact,
-                  ef_search=args.ef_search).to_pylist()
+    rows = search(
+        args.root,
+        vector,
+        modality,
+        model,
+        k=args.k,
+        where=args.where,
+        use_index=not args.exact,
+        ef_search=args.ef_search,
+    ).to_pylist()
     if args.json:
         output.emit_json(rows)
     else:
@@ -199,8 +232,11 @@ def _note_index(root: str, modality: str, model: str) -> None:
     if found == "fresh":
         print(f"searching the HNSW index of {modality}/{model} (approximate; --exact to scan)", file=sys.stderr)
     elif found == "stale":
-        print(f"the HNSW index of {modality}/{model} predates its latest commit: searching exactly "
-              f"(rebuild with `mmembed index {root}`)", file=sys.stderr)
+        print(
+            f"the HNSW index of {modality}/{model} predates its latest commit: searching exactly "
+            f"(rebuild with `mmembed index {root}`)",
+            file=sys.stderr,
+        )
 
 
 def build_indexes(args: argparse.Namespace) -> int:
@@ -222,7 +258,9 @@ def classify(args: argparse.Namespace) -> int:
     model = _pick_model(args.root, args.modality, "text", args.model)
     encoder = cached_encoder(model)
     scale = getattr(encoder, "logit_scale", DEFAULT_LOGIT_SCALE)
-    result = classify_rows(args.root, encoder.encode("text", labels), labels, args.modality, model, scale, where=args.where)
+    result = classify_rows(
+        args.root, encoder.encode("text", labels), labels, args.modality, model, scale, where=args.where
+    )
     if args.out:
         pq.write_table(result, args.out)
         print(f"wrote {result.num_rows} rows to {args.out}", file=sys.stderr)
@@ -253,16 +291,32 @@ def jobs(args: argparse.Namespace) -> int:
     rows = []
     for r in records:
         counts = r.get("counts", {}).values()
-        rows.append({"job_id": r["job_id"], "kind": r.get("kind"), "status": r["status"], "started_at": r["started_at"],
-                     "embedded": sum(c.get("embedded", 0) for c in counts), "errored": sum(c.get("errored", 0) for c in counts),
-                     "wall_s": r.get("stages_s", {}).get("wall")})
+        rows.append(
+            {
+                "job_id": r["job_id"],
+                "kind": r.get("kind"),
+                "status": r["status"],
+                "started_at": r["started_at"],
+                "embedded": sum(c.get("embedded", 0) for c in counts),
+                "errored": sum(c.get("errored", 0) for c in counts),
+                "wall_s": r.get("stages_s", {}).get("wall"),
+            }
+        )
     output.table(rows)
     return 0
 
 
 def models_list(args: argparse.Namespace) -> int:
-    rows = [{"name": m.name, "kind": m.kind, "source": m.source, "size_mb": round(m.size_bytes / 1e6, 1) if m.size_bytes else None,
-             "path": str(m.path) if m.path else "(converted on first use)"} for m in list_models()]
+    rows = [
+        {
+            "name": m.name,
+            "kind": m.kind,
+            "source": m.source,
+            "size_mb": round(m.size_bytes / 1e6, 1) if m.size_bytes else None,
+            "path": str(m.path) if m.path else "(converted on first use)",
+        }
+        for m in list_models()
+    ]
     output.emit_json(rows) if args.json else output.table(rows)
     return 0
 
@@ -272,7 +326,9 @@ def models_convert(args: argparse.Namespace) -> int:
 
     path = convert(args.src, models_dir() / f"{args.name}.parquet")
     info = {"name": args.name, "path": str(path), "size_mb": round(path.stat().st_size / 1e6, 1)}
-    output.emit_json(info) if args.json else print(f"converted {args.src} -> {args.name} ({path}, {info['size_mb']} MB)")
+    output.emit_json(info) if args.json else print(
+        f"converted {args.src} -> {args.name} ({path}, {info['size_mb']} MB)"
+    )
     return 0
 
 

@@ -52,7 +52,11 @@ class JobConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self):
-        choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"), "whisper_mode": ("trimmed", "padded")}
+        choices = {
+            "device": ("auto", "cpu", "cuda"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "whisper_mode": ("trimmed", "padded"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
@@ -144,6 +148,8 @@ def parse_model_flags(flags: list[str]) -> dict[str, tuple[str, ...]]:
     for flag in flags:
         modality, sep, names = flag.partition("=")
         if not sep or modality not in MODALITIES or not names.strip():
-            raise ConfigError(f"--model {flag!r}: expected MODALITY=NAME[,NAME...] with MODALITY one of {', '.join(MODALITIES)}")
+            raise ConfigError(
+                f"--model {flag!r}: expected MODALITY=NAME[,NAME...] with MODALITY one of {', '.join(MODALITIES)}"
+            )
         models[modality] = tuple(n.strip() for n in names.split(",") if n.strip())
     return models

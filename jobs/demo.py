@@ -42,9 +42,19 @@ def _classify_shapes(root: str) -> dict:
     """Every sample shape labelled zero-shot; a label is right when it names the file's colour and shape."""
     labels = [f"a {colour} {shape}" for colour, shape in shapes.CLASSES]
     encoder = cached_encoder("shapes-clip")
-    rows = classify(root, encoder.encode("text", labels), labels, "image", "shapes-clip", encoder.logit_scale,
-                    where="id LIKE 'shapes/%'").to_pylist()
-    return {"rows": rows, "correct": sum(r["label"] == "a {} {}".format(*Path(r["id"]).stem.split("_")[:2]) for r in rows)}
+    rows = classify(
+        root,
+        encoder.encode("text", labels),
+        labels,
+        "image",
+        "shapes-clip",
+        encoder.logit_scale,
+        where="id LIKE 'shapes/%'",
+    ).to_pylist()
+    return {
+        "rows": rows,
+        "correct": sum(r["label"] == "a {} {}".format(*Path(r["id"]).stem.split("_")[:2]) for r in rows),
+    }
 
 
 def _same_sentence_other_voice(root: str) -> dict:
@@ -90,7 +100,12 @@ def run_demo(out: Path) -> dict:
     record = run_job(config.load(overrides={"input": str(SAMPLES), "root": str(store_dir)}))
     root = str(store_dir)
     _title("the job")
-    output.table([{"modality/model": k, **{c: v[c] for c in ("read", "embedded", "errored")}} for k, v in record["counts"].items()])
+    output.table(
+        [
+            {"modality/model": k, **{c: v[c] for c in ("read", "embedded", "errored")}}
+            for k, v in record["counts"].items()
+        ]
+    )
 
     sheet = {}
     for text in TEXT_TO_IMAGE:
@@ -115,5 +130,5 @@ def run_demo(out: Path) -> dict:
     output.table(run_readonly(connect(root, embedder=embed_query), SQL).to_pylist())
     path = contact_sheet(sheet, out / "contact_sheet.png")
     print(f"\ncontact sheet of the text -> image results: {path}", file=sys.stderr)
-    print(f"try: mmembed query {root} --text \"a blue star\" --modality image --model shapes-clip -k 5", file=sys.stderr)
+    print(f'try: mmembed query {root} --text "a blue star" --modality image --model shapes-clip -k 5', file=sys.stderr)
     return {"record": record, "text_to_image": sheet, "classify": labelled, "voices": voices}

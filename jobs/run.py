@@ -52,7 +52,9 @@ def check_models(cfg: JobConfig, counts: Counter) -> dict[str, str]:
     """Every modality in the input has a model, and every model exists: -> {model: digest}."""
     for modality, n in sorted(counts.items()):
         if n and not cfg.models.get(modality):
-            raise ConfigError(f"the input has {n} {modality} item(s) but no {modality} model is configured (use --model {modality}=NAME)")
+            raise ConfigError(
+                f"the input has {n} {modality} item(s) but no {modality} model is configured (use --model {modality}=NAME)"
+            )
     return {m: model_digest(m) for modality, models in cfg.models.items() if counts.get(modality) for m in models}
 
 
@@ -67,12 +69,32 @@ def check_cluster(cfg: JobConfig, root: str) -> None:
 
 
 def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
-    return {"job_id": new_job_id(), "kind": kind, "status": "running", "started_at": now_iso(), "ended_at": None,
-            "inputs": [], "root": root, "config": cfg.to_dict(), "counts": {}, "skipped_files": 0, "missing_inputs": [],
-            "stages_s": {}, "throughput": 0.0, "nodes": [], "error": None}
+    return {
+        "job_id": new_job_id(),
+        "kind": kind,
+        "status": "running",
+        "started_at": now_iso(),
+        "ended_at": None,
+        "inputs": [],
+        "root": root,
+        "config": cfg.to_dict(),
+        "counts": {},
+        "skipped_files": 0,
+        "missing_inputs": [],
+        "stages_s": {},
+        "throughput": 0.0,
+        "nodes": [],
+        "error": None,
+    }
 
 
-def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", wait_lock: bool = False, log: TextIO | None = None) -> dict:
+def run_job(
+    cfg: JobConfig,
+    inputs: list[str] | None = None,
+    kind: str = "embed",
+    wait_lock: bool = False,
+    log: TextIO | None = None,
+) -> dict:
     """Take ROOT's lock and run the job; `inputs` defaults to the config's input."""
     if not cfg.root:
         raise ConfigError("a job needs a root")
@@ -84,7 +106,9 @@ def run_job(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed"
         lock.release()
 
 
-def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO | None = None) -> dict:
+def embed_locked(
+    cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO | None = None
+) -> dict:
     """Run a job whose caller holds ROOT's lock; returns the job record (also in ROOT/_jobs/)."""
     inputs = inputs if inputs is not None else [cfg.input] if cfg.input else []
     if not inputs and kind == "embed":
@@ -132,19 +156,33 @@ def embed_locked(cfg: JobConfig, inputs: list[str] | None = None, kind: str = "e
         remove_dir(f"{root}/_staging/{job_id}")
 
 
-def _embed_inventory(cfg: JobConfig, inventory: Inventory, digests: dict[str, str], store: Store, record: dict,
-                     stage_s: Counter, nodes: set, log: TextIO) -> None:
+def _embed_inventory(
+    cfg: JobConfig,
+    inventory: Inventory,
+    digests: dict[str, str],
+    store: Store,
+    record: dict,
+    stage_s: Counter,
+    nodes: set,
+    log: TextIO,
+) -> None:
     """Every (modality, model) pipeline over one input, one after another; commits every `commit_every` rows."""
     sizes = pipeline.StageSizes(cfg.batch_size.preprocess, cfg.batch_size.write, cfg.actors, cfg.threads_per_actor)
     for modality, total in sorted(inventory.counts.items()):
         for model in cfg.models.get(modality, ()):  # a backfill embeds only its model's modality
-            counts = record["counts"].setdefault(f"{modality}/{model}", {"modality": modality, "model": model, "read": 0,
-                                                                          "embedded": 0, "errored": 0, "already_done": 0})
+            counts = record["counts"].setdefault(
+                f"{modality}/{model}",
+                {"modality": modality, "model": model, "read": 0, "embedded": 0, "errored": 0, "already_done": 0},
+            )
             counts["read"] += total
             progress = Progress(f"{modality}/{model}", total, log)
             pending, pending_rows, done_before = [], 0, counts["embedded"] + counts["errored"]
-            target = pipeline.Target(modality, model, digests[model], getattr(cfg.batch_size, modality), store.done_index(modality, model))
-            for entry in pipeline.stream(inventory, target, encoder_options(cfg), sizes, store.root, record["job_id"], cfg.passthrough):
+            target = pipeline.Target(
+                modality, model, digests[model], getattr(cfg.batch_size, modality), store.done_index(modality, model)
+            )
+            for entry in pipeline.stream(
+                inventory, target, encoder_options(cfg), sizes, store.root, record["job_id"], cfg.passthrough
+            ):
                 counts["embedded" if entry["kind"] == "embeddings" else "errored"] += entry["rows"]
                 pending.append(entry["path"])
                 pending_rows += entry["rows"]

@@ -32,7 +32,18 @@ SAMPLE_DIR = Path(__file__).parent / "sample_media"
 SHAPES_SEED = 7_000  # not a seed encoders.train_shapes trains or evaluates on
 SHAPES_PER_CLASS = 5
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "coins", "moon", "retina", "hubble_deep_field", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "camera",
+    "rocket",
+    "coins",
+    "moon",
+    "retina",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 PHOTO_MAX_SIDE = 256
 JPEG_QUALITY = 85
 
@@ -100,7 +111,9 @@ def speak(text: str, voice: str) -> np.ndarray:
 
 def write_speech(out: Path) -> int:
     for sentence, voice in SPOKEN:
-        sf.write(out / f"{sentence}_{voice}.flac", speak(SENTENCES[sentence], VOICES[voice]), SAMPLE_RATE, subtype="PCM_16")
+        sf.write(
+            out / f"{sentence}_{voice}.flac", speak(SENTENCES[sentence], VOICES[voice]), SAMPLE_RATE, subtype="PCM_16"
+        )
     return len(SPOKEN)
 
 
@@ -117,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="where to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    for kind, write in (("shapes", write_shapes), ("photos", write_photos), ("speech", write_speech), ("texts", write_texts)):
+    for kind, write in (
+        ("shapes", write_shapes),
+        ("photos", write_photos),
+        ("speech", write_speech),
+        ("texts", write_texts),
+    ):
         if kind == "speech" and shutil.which("espeak-ng") is None:
             print("espeak-ng not installed: speech/ left as it is", file=sys.stderr)
             continue

@@ -67,7 +67,7 @@ def check_schedule(config: Scheduled) -> str:
     """The config's cron expression, validated; ScheduleError naming the job if it is bad."""
     expression = config.schedule
     if not isinstance(expression, str):
-        raise ScheduleError(f"job {config.name!r} has no schedule: give it `schedule: \"<cron expression>\"`")
+        raise ScheduleError(f'job {config.name!r} has no schedule: give it `schedule: "<cron expression>"`')
     try:
         croniter(expression)
     except CroniterError as e:
@@ -169,7 +169,14 @@ class Scheduler:
             result = None if scheduled is None else self._run(config, lock, scheduled, now)
             if result is not None:
                 level = logging.INFO if result["status"] == "ok" else logging.WARNING
-                log.log(level, "job %s at %s: %s %s", config.name, result["scheduled"], result["status"], result["error"] or "")
+                log.log(
+                    level,
+                    "job %s at %s: %s %s",
+                    config.name,
+                    result["scheduled"],
+                    result["status"],
+                    result["error"] or "",
+                )
                 results.append(result)
         return results
 

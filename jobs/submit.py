@@ -21,8 +21,11 @@ def _submit(client, working_dir: str, config_name: str) -> str:
     deadline = time.monotonic() + AGENT_WAIT
     while True:
         try:
-            return client.submit_job(entrypoint="mmembed embed --config job.yaml --json",
-                                     runtime_env={"working_dir": working_dir}, metadata={"mmembed_config": config_name})
+            return client.submit_job(
+                entrypoint="mmembed embed --config job.yaml --json",
+                runtime_env={"working_dir": working_dir},
+                metadata={"mmembed_config": config_name},
+            )
         except RuntimeError as e:
             if "try again later" not in str(e) or time.monotonic() > deadline:
                 raise ConfigError(f"the Ray job server refused the job: {str(e).splitlines()[0]}") from None
@@ -34,7 +37,9 @@ def submit_job(config_path: str, cluster: str, wait: bool = False, poll: float =
 
     cfg = load(config_path)
     if not cfg.input or not cfg.root:
-        raise ConfigError(f"{config_path}: a submitted job needs `input` and `root` (paths the cluster can read and write)")
+        raise ConfigError(
+            f"{config_path}: a submitted job needs `input` and `root` (paths the cluster can read and write)"
+        )
     try:
         client = JobSubmissionClient(cluster)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -21,9 +21,13 @@ from .sources import Inventory, load_rows, of_modality, skip_done
 from .stages import EmbedBatch, embed_in_task, preprocess
 
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
-FREE_CPUS = 1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
+FREE_CPUS = (
+    1.0  # per node, what the encoder actors leave to the decoding tasks: a pool holding every CPU starves its input
+)
 MIN_ACTOR_CPUS = 0.25  # the least an encoder actor reserves: at most 4 actors per CPU they may use
-INFLIGHT_BYTES_PER_NODE = 512 << 20  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
+INFLIGHT_BYTES_PER_NODE = (
+    512 << 20
+)  # blocks a job keeps in the object store at once, per node (Ray Data: half the store)
 # How long a local Ray keeps an idle worker process beyond one per CPU (Ray's default: 1 s). A pipeline's read,
 # repartition and write tasks reserve no CPU, so more of them run at once than there are CPUs; Ray killed the
 # spares as soon as a pipeline ended, and the next one started new processes (seconds of CPU each). Not forever:
@@ -57,10 +61,17 @@ def start(address: str | None = None) -> bool:
     call connected (False: already connected)."""
     connected = not ray.is_initialized()
     if connected:
-        init = {"address": address, "include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
+        init = {
+            "address": address,
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "configure_logging": True,
+        }
         try:
             ray.init(**init, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
-        except ValueError as e:  # joining a running cluster (--address, RAY_ADDRESS, `ray start` here): it keeps its settings
+        except (
+            ValueError
+        ) as e:  # joining a running cluster (--address, RAY_ADDRESS, `ray start` here): it keeps its settings
             if "_system_config" not in str(e):
                 raise
             ray.init(**init)
@@ -68,7 +79,8 @@ def start(address: str | None = None) -> bool:
     ctx.enable_progress_bars = False
     # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes()))
+        object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes())
+    )
     ctx.print_on_execution_start = False
     # Ray Data's Parquet reader V2 lists files in a task that takes a whole CPU and reads footers in up to 32
     # new actor processes per pipeline: seconds of CPU before a batch moves (a 10-item job: 6 of its 22 workers).
@@ -106,8 +118,10 @@ def actor_resources(actors: int, gpu: bool) -> dict[str, float]:
         raise ResourceError("device cuda was asked for but the cluster has no GPU")
     spare = sum(max(0.0, c - FREE_CPUS) for c in node_cpus)
     if spare and spare / actors < MIN_ACTOR_CPUS:
-        raise ResourceError(f"{actors} encoder actors per model is too many for the cluster's {sum(node_cpus):g} CPUs: "
-                            f"use --actors {max(1, int(spare / MIN_ACTOR_CPUS))} or fewer")
+        raise ResourceError(
+            f"{actors} encoder actors per model is too many for the cluster's {sum(node_cpus):g} CPUs: "
+            f"use --actors {max(1, int(spare / MIN_ACTOR_CPUS))} or fewer"
+        )
     return {"num_cpus": min(1.0, spare / actors), "num_gpus": min(1.0, gpus / actors) if gpu else 0}
 
 
@@ -151,15 +165,29 @@ def one_call(inventory: Inventory, target: Target, gpu: bool) -> bool:
     return not gpu and inventory.counts.get(target.modality, 0) <= target.encode_batch
 
 
-def stream(inventory: Inventory, target: Target, options: Options, sizes: StageSizes, root: str, job_id: str,
-           passthrough: tuple[str, ...] = ()) -> Iterator[dict]:
+def stream(
+    inventory: Inventory,
+    target: Target,
+    options: Options,
+    sizes: StageSizes,
+    root: str,
+    job_id: str,
+    passthrough: tuple[str, ...] = (),
+) -> Iterator[dict]:
     """Run the target's pipeline over the input rows it has not done yet; yields one dict per written
     file: kind, path, rows, nodes, stage seconds."""
     yield from dataset(inventory, target, options, sizes, root, job_id, passthrough).iter_rows()
 
 
-def dataset(inventory: Inventory, target: Target, options: Options, sizes: StageSizes, root: str, job_id: str,
-            passthrough: tuple[str, ...] = ()) -> ray.data.Dataset:
+def dataset(
+    inventory: Inventory,
+    target: Target,
+    options: Options,
+    sizes: StageSizes,
+    root: str,
+    job_id: str,
+    passthrough: tuple[str, ...] = (),
+) -> ray.data.Dataset:
     """The target's pipeline, not yet run: one row per file it will write."""
     modality, model = target.modality, target.model
     gpu = options.device == "cuda" or (options.device is None and has_gpus())
@@ -172,8 +200,9 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     # One read task per file, not split further: a read whose blocks are split (to reach Ray Data's 200-block
     # parallelism target) is never fused with the step after it, and the modality filter then ran as tasks of
     # its own in processes of its own (a 10-item job: 3 worker processes for tasks instead of 1, ~6 core-s).
-    ds = ray.data.read_parquet(inventory.files, partitioning=None, num_cpus=0, concurrency=tasks,
-                               override_num_blocks=len(inventory.files)).select_columns(columns)
+    ds = ray.data.read_parquet(
+        inventory.files, partitioning=None, num_cpus=0, concurrency=tasks, override_num_blocks=len(inventory.files)
+    ).select_columns(columns)
     ds = ds.map_batches(of_modality, fn_kwargs={"modality": modality}, batch_format="pyarrow", **light)
     # Blocks of exactly one preprocessing batch each (streaming): a whole file in one block would reach one actor,
     # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...). At least
@@ -183,21 +212,39 @@ def dataset(inventory: Inventory, target: Target, options: Options, sizes: Stage
     cpu_task = {"batch_size": block, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
-    ds = ds.map_batches(preprocess, fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},
-                        **cpu_task)
+    ds = ds.map_batches(
+        preprocess,
+        fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},
+        **cpu_task,
+    )
     encoder = {"model": model, "modality": modality, "options": options}
     pool = actor_resources(sizes.actors, gpu)  # checked whatever the input's size
     encode = {"batch_size": target.encode_batch, "batch_format": "numpy"}
     if one_call(inventory, target, gpu):
-        ds = ds.map_batches(embed_in_task, fn_kwargs=encoder | {"threads": actor_threads(replace(sizes, actors=1), gpu)},
-                            **actor_resources(1, gpu), **encode)
+        ds = ds.map_batches(
+            embed_in_task,
+            fn_kwargs=encoder | {"threads": actor_threads(replace(sizes, actors=1), gpu)},
+            **actor_resources(1, gpu),
+            **encode,
+        )
     else:
-        ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs=encoder | {"threads": actor_threads(sizes, gpu)},
-                            compute=ActorPoolStrategy(size=sizes.actors), **pool, **encode)
+        ds = ds.map_batches(
+            EmbedBatch,
+            fn_constructor_kwargs=encoder | {"threads": actor_threads(sizes, gpu)},
+            compute=ActorPoolStrategy(size=sizes.actors),
+            **pool,
+            **encode,
+        )
     return ds.map_batches(
         write_shard,
-        fn_kwargs={"root": root, "modality": modality, "model": model, "digest": target.digest, "job_id": job_id,
-                   "passthrough": passthrough},
+        fn_kwargs={
+            "root": root,
+            "modality": modality,
+            "model": model,
+            "digest": target.digest,
+            "job_id": job_id,
+            "passthrough": passthrough,
+        },
         batch_size=sizes.write,
         batch_format="numpy",
         **light,

@@ -15,7 +15,13 @@ ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 
 
 def write_shard(
-    batch: dict[str, np.ndarray], root: str, modality: str, model: str, digest: str, job_id: str, passthrough: tuple[str, ...]
+    batch: dict[str, np.ndarray],
+    root: str,
+    modality: str,
+    model: str,
+    digest: str,
+    job_id: str,
+    passthrough: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
     """Embedded rows -> one embeddings file, failed rows -> one errors file; returns one row per file."""
     start = time.perf_counter()
@@ -25,7 +31,10 @@ def write_shard(
     now = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     files = []
     if ok.any():
-        emb = np.ascontiguousarray(np.stack(list(batch["embedding"][ok])) if batch["embedding"].dtype == object else batch["embedding"][ok], dtype=np.float32)
+        emb = np.ascontiguousarray(
+            np.stack(list(batch["embedding"][ok])) if batch["embedding"].dtype == object else batch["embedding"][ok],
+            dtype=np.float32,
+        )
         dim = emb.shape[1]
         extra = pa.table({c: pa.array(list(batch[c][ok])) for c in passthrough}) if passthrough else None
         columns = {
@@ -41,7 +50,9 @@ def write_shard(
         if extra is not None:
             columns.update({c: extra[c] for c in passthrough})
         schema = embedding_schema(dim, extra.schema if extra is not None else None)
-        files.append(("embeddings", store.write_embeddings(modality, model, pa.table(columns, schema=schema)), int(ok.sum())))
+        files.append(
+            ("embeddings", store.write_embeddings(modality, model, pa.table(columns, schema=schema)), int(ok.sum()))
+        )
     if failed.any():
         k = int(failed.sum())
         errors = pa.table(

@@ -185,7 +185,9 @@ def skip_done(batch: dict[str, np.ndarray], done: np.ndarray) -> dict[str, np.nd
     """Drop the rows whose key is in `done` (sorted S32 row keys: what the store already holds)."""
     if len(done) == 0 or len(batch["id"]) == 0:
         return batch
-    keys = np.array([row_key(s, i, h) for s, i, h in zip(batch["source"], batch["id"], batch["content_hash"])], dtype="S32")
+    keys = np.array(
+        [row_key(s, i, h) for s, i, h in zip(batch["source"], batch["id"], batch["content_hash"])], dtype="S32"
+    )
     at = np.minimum(np.searchsorted(done, keys), len(done) - 1)
     new = done[at] != keys
     return {k: v[new] for k, v in batch.items()}

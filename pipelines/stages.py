@@ -60,7 +60,9 @@ def idle_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="idle-priority", initializer=_lowest_priority)
 
 
-def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options: Options, yield_cpu: bool = False) -> dict[str, np.ndarray]:
+def preprocess(
+    batch: dict[str, np.ndarray], model: str, modality: str, options: Options, yield_cpu: bool = False
+) -> dict[str, np.ndarray]:
     """Raw bytes -> packed model inputs (`features`, `shape`); failures fill the error columns.
 
     yield_cpu: run in `idle_thread`, for encoders on the same CPUs (they are the pipeline's bottleneck, and
@@ -79,7 +81,11 @@ def preprocess(batch: dict[str, np.ndarray], model: str, modality: str, options:
             features[i], shapes[i] = _pack(inputs(modality, data))
         except Exception as e:  # any decoder failure is the row's, not the job's
             stage = "read" if read_error else "preprocess"
-            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = stage, type(e).__name__, str(e)
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                stage,
+                type(e).__name__,
+                str(e),
+            )
     out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
     out["features"] = np.array(features + [b""], dtype=object)[:n]
     out["shape"] = np.array(shapes + [None], dtype=object)[:n]
@@ -108,7 +114,11 @@ class EmbedBatch:
             try:
                 vectors[j] = self.encoder.embed(self.modality, [item])[0]
             except Exception as e:
-                errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = "encode", type(e).__name__, str(e)
+                errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                    "encode",
+                    type(e).__name__,
+                    str(e),
+                )
         return vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,6 +141,8 @@ class EmbedBatch:
         return out
 
 
-def embed_in_task(batch: dict[str, np.ndarray], model: str, modality: str, options: Options, threads: int = 0) -> dict[str, np.ndarray]:
+def embed_in_task(
+    batch: dict[str, np.ndarray], model: str, modality: str, options: Options, threads: int = 0
+) -> dict[str, np.ndarray]:
     """`EmbedBatch` for a single call, in a task (see `pipelines.embed.one_call`); the model is not kept after it."""
     return EmbedBatch(model, modality, options, threads)(batch)

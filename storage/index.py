@@ -49,9 +49,13 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     a still-open instance of the same path, which is the replaced file after a rebuild."""
     import duckdb_extension_vss
 
-    found = sorted((Path(duckdb_extension_vss.__file__).parent / "extensions").glob(f"v{duckdb.__version__}/vss.duckdb_extension"))
+    found = sorted(
+        (Path(duckdb_extension_vss.__file__).parent / "extensions").glob(f"v{duckdb.__version__}/vss.duckdb_extension")
+    )
     if not found:
-        raise StoreError(f"duckdb-extension-vss has no vss build for duckdb {duckdb.__version__}: install the matching version")
+        raise StoreError(
+            f"duckdb-extension-vss has no vss build for duckdb {duckdb.__version__}: install the matching version"
+        )
     con = duckdb_connection()
     con.load_extension(str(found[0]))
     literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
@@ -59,8 +63,15 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def write(store: Store, modality: str, model: str, files: tuple[str, ...], matrix: np.ndarray, labels: pa.Table,
-          options: dict[str, int] | None = None) -> Path:
+def write(
+    store: Store,
+    modality: str,
+    model: str,
+    files: tuple[str, ...],
+    matrix: np.ndarray,
+    labels: pa.Table,
+    options: dict[str, int] | None = None,
+) -> Path:
     """Build the index file of one partition from its unit-row `matrix` and the id/uri `labels` of its rows."""
     options = {**OPTIONS, **(options or {})}
     if unknown := set(options) - set(OPTIONS):
@@ -82,9 +93,14 @@ def write(store: Store, modality: str, model: str, files: tuple[str, ...], matri
             con.execute(f"CREATE TABLE hnsw.vectors AS SELECT id, uri, embedding::FLOAT[{dim}] AS embedding FROM _rows")
             con.unregister("_rows")
             settings = ", ".join(f"{name} = {value}" for name, value in options.items())
-            con.execute(f"CREATE INDEX vectors_hnsw ON hnsw.vectors USING HNSW (embedding) WITH (metric = 'cosine', {settings})")
-            con.execute("CREATE TABLE hnsw.meta AS SELECT ?::VARCHAR[] AS files, ?::BIGINT AS rows, ?::INTEGER AS dim, "
-                        "?::VARCHAR AS options, now() AS built_at", [sorted(files), len(matrix), dim, json.dumps(options)])
+            con.execute(
+                f"CREATE INDEX vectors_hnsw ON hnsw.vectors USING HNSW (embedding) WITH (metric = 'cosine', {settings})"
+            )
+            con.execute(
+                "CREATE TABLE hnsw.meta AS SELECT ?::VARCHAR[] AS files, ?::BIGINT AS rows, ?::INTEGER AS dim, "
+                "?::VARCHAR AS options, now() AS built_at",
+                [sorted(files), len(matrix), dim, json.dumps(options)],
+            )
             con.execute("CHECKPOINT hnsw")
         finally:
             con.close()
@@ -107,8 +123,10 @@ class Index:
     def sql(self, k: int) -> str:
         """The top-k statement over one query vector parameter; vss plans it as an HNSW_INDEX_SCAN only in
         this shape (ORDER BY the distance, LIMIT a constant; the score computed outside)."""
-        return (f"SELECT id, uri, 1 - distance AS score FROM (SELECT id, uri, array_cosine_distance(embedding, "
-                f"?::FLOAT[{self.dim}]) AS distance FROM hnsw.vectors ORDER BY distance LIMIT {int(k)})")
+        return (
+            f"SELECT id, uri, 1 - distance AS score FROM (SELECT id, uri, array_cosine_distance(embedding, "
+            f"?::FLOAT[{self.dim}]) AS distance FROM hnsw.vectors ORDER BY distance LIMIT {int(k)})"
+        )
 
     def search(self, query: np.ndarray, k: int, ef_search: int | None = None) -> tuple[pa.Array, pa.Array, np.ndarray]:
         """The (approximately) k nearest rows to the unit vector `query`: ids, uris, cosine similarities.
@@ -149,6 +167,8 @@ def read(path: Path) -> Index | None:
                 con = _connect(path, read_only=True)
                 files, rows, dim, options = con.execute("SELECT files, rows, dim, options FROM hnsw.meta").fetchone()
             except duckdb.Error as e:
-                raise StoreError(f"cannot read the index {path} ({e}): rebuild it with `mmembed index --force`") from None
+                raise StoreError(
+                    f"cannot read the index {path} ({e}): rebuild it with `mmembed index --force`"
+                ) from None
             cached = _OPEN[path] = (version, Index(tuple(files), rows, dim, json.loads(options), con))
     return cached[1]

@@ -86,8 +86,11 @@ class RootLock:
         if self._fd is not None:
             raise LockError(f"{self.root} is already locked by this RootLock")
         if self.host_only:
-            log.warning("%s is locked on this host only (%s): no job on another host may write to it meanwhile",
-                        self.root, self.path)
+            log.warning(
+                "%s is locked on this host only (%s): no job on another host may write to it meanwhile",
+                self.root,
+                self.path,
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

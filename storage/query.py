@@ -99,7 +99,9 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _union(con: duckdb.DuckDBPyConnection, view: str, parts: list[tuple[ds.Dataset | pa.Table, str]], head: list[str]) -> None:
+def _union(
+    con: duckdb.DuckDBPyConnection, view: str, parts: list[tuple[ds.Dataset | pa.Table, str]], head: list[str]
+) -> None:
     """CREATE VIEW `view` as the union of `SELECT <columns> FROM <part>` over (part, columns) pairs;
     its columns are `head`, then the parts' other columns."""
     extra: dict[str, None] = {}
@@ -120,25 +122,37 @@ def _embedding_views(con: duckdb.DuckDBPyConnection, store: Store) -> dict[str, 
     for (modality, model), dim in dims.items():
         check_modality(modality)
         if model_dims.setdefault(check_name("model", model), dim) != dim:
-            raise QueryError(f"model {model} has {dim}-dim embeddings for {modality} but {model_dims[model]}-dim ones elsewhere")
+            raise QueryError(
+                f"model {model} has {dim}-dim embeddings for {modality} but {model_dims[model]}-dim ones elsewhere"
+            )
     width = max(dims.values(), default=1)
     head = [*embedding_schema(width).names, "modality", "model", "dim"]
     parts = []
     for (modality, model), data in datasets.items():
-        vector = "embedding" if dims[modality, model] == width else f"list_resize(embedding::FLOAT[], {width}, 0.0)::FLOAT[{width}]"
+        vector = (
+            "embedding"
+            if dims[modality, model] == width
+            else f"list_resize(embedding::FLOAT[], {width}, 0.0)::FLOAT[{width}]"
+        )
         columns = f"'{modality}' AS modality, '{model}' AS model, {dims[modality, model]} AS dim"
         parts.append((data, f"* REPLACE ({vector} AS embedding), {columns}"))
-    empty = pa.schema([*embedding_schema(width), ("modality", pa.string()), ("model", pa.string()), ("dim", pa.int32())])
+    empty = pa.schema(
+        [*embedding_schema(width), ("modality", pa.string()), ("model", pa.string()), ("dim", pa.int32())]
+    )
     _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], head)
-    con.execute(f"CREATE VIEW embeddings AS SELECT * FROM _embeddings_all {_newest('modality', 'source', 'id', 'model')}")
+    con.execute(
+        f"CREATE VIEW embeddings AS SELECT * FROM _embeddings_all {_newest('modality', 'source', 'id', 'model')}"
+    )
     for view, modality in VIEWS.items():
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM embeddings WHERE modality = '{modality}'")
     return model_dims
 
 
 def _errors_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
-    parts = [(store.dataset(files), f"*, '{check_modality(modality)}' AS modality")
-             for (modality,), files in sorted(store.partitions("errors").items())]
+    parts = [
+        (store.dataset(files), f"*, '{check_modality(modality)}' AS modality")
+        for (modality,), files in sorted(store.partitions("errors").items())
+    ]
     empty = ERROR_SCHEMA.append(pa.field("modality", pa.string()))
     _union(con, "_errors_all", parts or [(empty.empty_table(), "*")], empty.names)
     con.execute(f"""
@@ -147,7 +161,7 @@ def _errors_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         SELECT e.* FROM _errors_all e
         WHERE NOT EXISTS (SELECT 1 FROM embedded x WHERE x.modality = e.modality AND x.source = e.source
                           AND x.id = e.id AND x.model = e.model AND x.at > e.created_at)
-        {_newest('modality', 'source', 'id', 'model')}""")
+        {_newest("modality", "source", "id", "model")}""")
 
 
 def _jobs_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
@@ -169,7 +183,9 @@ def _column(values: list) -> pa.Array:
     return array.cast(pa.string()) if pa.types.is_null(array.type) else array
 
 
-def _embed_functions(con: duckdb.DuckDBPyConnection, store: Store, embedder: Embedder, model_dims: dict[str, int]) -> None:
+def _embed_functions(
+    con: duckdb.DuckDBPyConnection, store: Store, embedder: Embedder, model_dims: dict[str, int]
+) -> None:
     width = max(model_dims.values(), default=1)
     cache: dict[tuple[str, str, str], list[float]] = {}
 
@@ -181,7 +197,9 @@ def _embed_functions(con: duckdb.DuckDBPyConnection, store: Store, embedder: Emb
                     raise QueryError(f"model '{model}' has no embeddings in {store.root}")
                 vector = np.asarray(embedder(model, modality, arg), dtype=np.float32)
                 if vector.shape != (model_dims[model],):
-                    raise QueryError(f"the embedder gave shape {vector.shape} for model '{model}', whose embeddings have dim {model_dims[model]}")
+                    raise QueryError(
+                        f"the embedder gave shape {vector.shape} for model '{model}', whose embeddings have dim {model_dims[model]}"
+                    )
                 cache[key] = np.pad(vector, (0, width - len(vector))).tolist()
             return cache[key]
 
@@ -189,7 +207,9 @@ def _embed_functions(con: duckdb.DuckDBPyConnection, store: Store, embedder: Emb
 
     varchar = duckdb.sqltypes.VARCHAR
     for name, modality in EMBED_FUNCTIONS.items():
-        con.create_function(name, function(modality), [varchar, varchar], duckdb.array_type(duckdb.sqltypes.FLOAT, width))
+        con.create_function(
+            name, function(modality), [varchar, varchar], duckdb.array_type(duckdb.sqltypes.FLOAT, width)
+        )
 
 
 # -- read-only statements -----------------------------------------------------------------
@@ -262,9 +282,17 @@ _PARTITIONS: dict[tuple[str, str, str], _Partition] = {}
 _LOADING = threading.Lock()
 
 
-def search(root: str, vector: np.ndarray, modality: str, model: str, k: int = 10,
-           where: str | None = None, params: Sequence | dict | None = None, use_index: bool = True,
-           ef_search: int | None = None) -> pa.Table:
+def search(
+    root: str,
+    vector: np.ndarray,
+    modality: str,
+    model: str,
+    k: int = 10,
+    where: str | None = None,
+    params: Sequence | dict | None = None,
+    use_index: bool = True,
+    ef_search: int | None = None,
+) -> pa.Table:
     """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
 
     `where` is a SQL predicate over the table's columns (passthrough ones included) that picks
@@ -290,13 +318,15 @@ def search(root: str, vector: np.ndarray, modality: str, model: str, k: int = 10
         top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
         ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
     n = len(ids)
-    return pa.table({
-        "id": ids,
-        "uri": uris,
-        "modality": pa.array([modality] * n, pa.string()),
-        "model": pa.array([model] * n, pa.string()),
-        "score": pa.array(scores, pa.float32()),
-    })
+    return pa.table(
+        {
+            "id": ids,
+            "uri": uris,
+            "modality": pa.array([modality] * n, pa.string()),
+            "model": pa.array([model] * n, pa.string()),
+            "score": pa.array(scores, pa.float32()),
+        }
+    )
 
 
 def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
@@ -309,8 +339,13 @@ def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
     return query / norm
 
 
-def build_index(root: str, modality: str | None = None, model: str | None = None, force: bool = False,
-                options: dict[str, int] | None = None) -> list[dict]:
+def build_index(
+    root: str,
+    modality: str | None = None,
+    model: str | None = None,
+    force: bool = False,
+    options: dict[str, int] | None = None,
+) -> list[dict]:
     """Build the HNSW index of every partition (or those of `modality` / `model`) that has no fresh one
     with these `options` (every one with `force`); returns per partition: modality, model, rows, status
     (built or fresh), seconds."""
@@ -328,10 +363,19 @@ def build_index(root: str, modality: str | None = None, model: str | None = None
             part = _partition(store, mod, name)
             index.write(store, mod, name, part.files, part.matrix, part.labels, options)
         rows = hnsw.rows if hnsw else len(part.matrix)
-        done.append({"modality": mod, "model": name, "rows": rows, "status": "fresh" if hnsw else "built",
-                     "seconds": round(time.perf_counter() - start, 3)})
+        done.append(
+            {
+                "modality": mod,
+                "model": name,
+                "rows": rows,
+                "status": "fresh" if hnsw else "built",
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
     if not done:
-        raise QueryError(f"no embeddings{f' for modality={modality}' if modality else ''}{f' from model {model}' if model else ''} in {store.root}")
+        raise QueryError(
+            f"no embeddings{f' for modality={modality}' if modality else ''}{f' from model {model}' if model else ''} in {store.root}"
+        )
     return done
 
 
@@ -359,8 +403,16 @@ def _best(part: _Partition, query: np.ndarray, k: int, rows: np.ndarray | None =
 CLASSIFY_CHUNK = 65_536  # rows scored at a time: bounds the (rows, labels) score matrix
 
 
-def classify(root: str, label_vectors: np.ndarray, labels: Sequence[str], modality: str, model: str, scale: float,
-             where: str | None = None, params: Sequence | dict | None = None) -> pa.Table:
+def classify(
+    root: str,
+    label_vectors: np.ndarray,
+    labels: Sequence[str],
+    modality: str,
+    model: str,
+    scale: float,
+    where: str | None = None,
+    params: Sequence | dict | None = None,
+) -> pa.Table:
     """Zero-shot classification of one modality and model's rows: each row's best label and its probability,
     a softmax over `scale` x the cosine similarity to every label vector (CLIP's zero-shot rule).
 
@@ -373,7 +425,9 @@ def classify(root: str, label_vectors: np.ndarray, labels: Sequence[str], modali
         raise QueryError(f"need one vector per label: {len(labels)} labels, vectors of shape {vectors.shape}")
     part = _partition(_open(root), modality, model)
     if vectors.shape[1] != part.matrix.shape[1]:
-        raise QueryError(f"label vectors have dim {vectors.shape[1]}, but model '{model}' has dim {part.matrix.shape[1]}")
+        raise QueryError(
+            f"label vectors have dim {vectors.shape[1]}, but model '{model}' has dim {part.matrix.shape[1]}"
+        )
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     rows = np.arange(len(part.matrix)) if where is None else _candidates(part, where, params)
     best = np.empty(len(rows), dtype=np.int64)
@@ -385,12 +439,14 @@ def classify(root: str, label_vectors: np.ndarray, labels: Sequence[str], modali
         p /= p.sum(1, keepdims=True)
         best[start : start + len(p)] = p.argmax(1)
         probability[start : start + len(p)] = p.max(1)
-    return pa.table({
-        "id": part.labels["id"].take(rows),
-        "uri": part.labels["uri"].take(rows),
-        "label": pa.array(labels, pa.string()).take(best),
-        "probability": pa.array(probability, pa.float32()),
-    })
+    return pa.table(
+        {
+            "id": part.labels["id"].take(rows),
+            "uri": part.labels["uri"].take(rows),
+            "label": pa.array(labels, pa.string()).take(best),
+            "probability": pa.array(probability, pa.float32()),
+        }
+    )
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -215,8 +215,12 @@ class Store:
         until that job commits them.
         """
         keep = set(self._committed("embeddings")) | set(self._committed("errors"))
-        doomed = [i.path for kind in KINDS for i in self._list(kind, recursive=True)
-                  if i.type == pafs.FileType.File and i.path.removeprefix(self._fs[1] + "/") not in keep]
+        doomed = [
+            i.path
+            for kind in KINDS
+            for i in self._list(kind, recursive=True)
+            if i.type == pafs.FileType.File and i.path.removeprefix(self._fs[1] + "/") not in keep
+        ]
         doomed += [i.path for d in (COMMITS, JOBS) for i in self._list(d) if i.base_name.endswith(TMP_SUFFIX)]
         for path in doomed:
             self.fs.delete_file(path)
@@ -242,7 +246,9 @@ class Store:
             try:
                 schema = pa.unify_schemas([self.schema(f) for f in files])
             except pa.ArrowException as e:
-                raise StoreError(f"files in {self.uri(files[0].rsplit('/', 1)[0])} have clashing columns: {e}") from None
+                raise StoreError(
+                    f"files in {self.uri(files[0].rsplit('/', 1)[0])} have clashing columns: {e}"
+                ) from None
         return ds.dataset([self.path(f) for f in files], schema=schema, filesystem=self.fs, format="parquet")
 
     def done_keys(self, model: str, content_hashes: Iterable[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -251,7 +257,11 @@ class Store:
         DuckDB scans only the `content_hash` column of that model's committed files.
         """
         check_name("model", model)
-        hashes = content_hashes if isinstance(content_hashes, (pa.Array, pa.ChunkedArray)) else pa.array(content_hashes, pa.string())
+        hashes = (
+            content_hashes
+            if isinstance(content_hashes, (pa.Array, pa.ChunkedArray))
+            else pa.array(content_hashes, pa.string())
+        )
         files = [f for (_, m), part in self.partitions("embeddings").items() if m == model for f in part]
         if not files or len(hashes) == 0:
             return np.zeros(len(hashes), dtype=bool)
@@ -261,7 +271,9 @@ class Store:
         try:
             con.register("committed", committed)
             con.register("wanted", wanted)
-            done = con.sql("SELECT DISTINCT content_hash FROM committed WHERE content_hash IN (SELECT h FROM wanted)").to_arrow_table()
+            done = con.sql(
+                "SELECT DISTINCT content_hash FROM committed WHERE content_hash IN (SELECT h FROM wanted)"
+            ).to_arrow_table()
         finally:
             con.close()
         return pc.is_in(hashes, value_set=done["content_hash"]).to_numpy(zero_copy_only=False)
@@ -271,14 +283,24 @@ class Store:
         errored: what an incremental run skips. DuckDB reads only the key columns, 32 bytes a row come back."""
         check_modality(modality)
         check_name("model", model)
-        sources = [("embedded", self.partitions("embeddings").get((modality, model), []), KEY_COLUMNS, "", []),
-                   ("errored", self.partitions("errors").get((modality,), []), (*KEY_COLUMNS, "model"), " WHERE model = ?", [model])]
+        sources = [
+            ("embedded", self.partitions("embeddings").get((modality, model), []), KEY_COLUMNS, "", []),
+            (
+                "errored",
+                self.partitions("errors").get((modality,), []),
+                (*KEY_COLUMNS, "model"),
+                " WHERE model = ?",
+                [model],
+            ),
+        ]
         key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, content_hash)))"
         con = duckdb_connection()
         try:
             selects, params = [], []
             for name, files, columns, where, values in sources:
-                if files:  # an Arrow dataset reads through pyarrow.fs, so an object-store ROOT needs no DuckDB extension
+                if (
+                    files
+                ):  # an Arrow dataset reads through pyarrow.fs, so an object-store ROOT needs no DuckDB extension
                     con.register(name, self.dataset(files, pa.schema([(c, pa.string()) for c in columns])))
                     selects.append(f"SELECT {key} AS k FROM {name}{where}")
                     params += values

@@ -61,7 +61,12 @@ def make_tiny_clip(tokenizer_json: str) -> StoredModel:
     """A randomly initialised (seed 0) tiny CLIP as a StoredModel, with the fixture tokenizer."""
     torch.manual_seed(0)
     tensors = {k: v.detach().clone() for k, v in CLIP(TINY_DIMS).state_dict().items()}
-    preprocess = {"size": 36, "crop_size": 32, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    preprocess = {
+        "size": 36,
+        "crop_size": 32,
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    }
     return StoredModel("clip", asdict(TINY_DIMS), tensors, preprocess, tokenizer_json)
 
 

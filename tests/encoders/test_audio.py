@@ -95,7 +95,12 @@ def test_trimmed_keeps_the_max_floor_of_frames_past_the_clip():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    n=st.one_of(st.integers(1, 4000), st.integers(4000, audio.N_SAMPLES + 2 * audio.HOP_LENGTH), st.just(audio.N_SAMPLES), st.just(2 * audio.N_SAMPLES + 1)),
+    n=st.one_of(
+        st.integers(1, 4000),
+        st.integers(4000, audio.N_SAMPLES + 2 * audio.HOP_LENGTH),
+        st.just(audio.N_SAMPLES),
+        st.just(2 * audio.N_SAMPLES + 1),
+    ),
     seed=st.integers(0, 2**16),
     scale=st.sampled_from([0.0, 1e-6, 0.1, 1.0, 30.0]),
 )

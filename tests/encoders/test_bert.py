@@ -34,7 +34,30 @@ TEXTS = [
     "x" * 300,
 ]
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "blue", "big", "small", "ran", "fast", "and", ",", ".", "!", "?", "##s", "##ing", "hello", "world"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "ran",
+    "fast",
+    "and",
+    ",",
+    ".",
+    "!",
+    "?",
+    "##s",
+    "##ing",
+    "hello",
+    "world",
+]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -80,7 +103,24 @@ def test_bf16_close_to_fp32(minilm, encoder):
 
 def test_batch_invariance_across_chunks(encoder):
     rng = np.random.default_rng(0)
-    words = ["the", "model", "reads", "short", "and", "very", "long", "sentences", "alike", ",", "with", "some", "unicode", "é", "東", "!"]
+    words = [
+        "the",
+        "model",
+        "reads",
+        "short",
+        "and",
+        "very",
+        "long",
+        "sentences",
+        "alike",
+        ",",
+        "with",
+        "some",
+        "unicode",
+        "é",
+        "東",
+        "!",
+    ]
     texts = [" ".join(rng.choice(words, size=rng.integers(1, 60))) for _ in range(CHUNK + 22)]
     batched = encoder.encode("text", texts)
     picked = range(0, len(texts), 5)
@@ -140,10 +180,20 @@ def write_checkpoint(path: Path, model_type: str = "bert", **overrides) -> Path:
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
     config_cls, model_cls = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[model_type]
-    config = dict(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12,
-    ) | overrides
+    config = (
+        dict(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            pad_token_id=0,
+            hidden_act="gelu",
+            layer_norm_eps=1e-12,
+        )
+        | overrides
+    )
     torch.manual_seed(0)
     model = model_cls(config_cls(**config)).eval()
     with torch.no_grad():  # random LayerNorm affines so the test would notice a swapped ln1/ln2
@@ -155,7 +205,12 @@ def write_checkpoint(path: Path, model_type: str = "bert", **overrides) -> Path:
     return path
 
 
-TINY_TEXTS = ["the cat sat on the mat", "hello", "big red dogs running fast , and the small blue cat sat !", "unknownword ?"]
+TINY_TEXTS = [
+    "the cat sat on the mat",
+    "hello",
+    "big red dogs running fast , and the small blue cat sat !",
+    "unknownword ?",
+]
 
 
 def reference_hidden(path: Path, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,13 +238,19 @@ def test_tiny_checkpoint_matches_transformers_mean_pooling(tmp_path, model_type)
 
 def test_sentence_transformers_modules_cls_pooling_and_length(tmp_path):
     path = write_checkpoint(tmp_path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
     (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6, "do_lower_case": True}))
     stored = convert_hf(path)
     assert (stored.config["pooling"], stored.config["normalize"], stored.config["max_seq_length"]) == ("cls", True, 6)
@@ -242,11 +303,16 @@ def test_unsupported_pooling_and_module_are_named(tmp_path):
     path = write_checkpoint(tmp_path)
     (path / "1_Pooling").mkdir()
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
-    modules = [{"type": "sentence_transformers.models.Transformer", "path": ""}, {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]
+    modules = [
+        {"type": "sentence_transformers.models.Transformer", "path": ""},
+        {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"},
+    ]
     (path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ConversionError, match="pooling 'weightedmean' is not supported"):
         convert_hf(path)
-    (path / "modules.json").write_text(json.dumps(modules[:1] + [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
+    (path / "modules.json").write_text(
+        json.dumps(modules[:1] + [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}])
+    )
     with pytest.raises(ConversionError, match="'sentence_transformers.models.Dense' is not supported"):
         convert_hf(path)
 

@@ -62,7 +62,10 @@ with torch.device("meta"):
                   layer_norm_eps=1e-12, activation="gelu", max_seq_length=16))
 print("torch._dynamo" in sys.modules)
 """
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch, caplog):
@@ -79,4 +82,5 @@ def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch,
         assert not caplog.records
         load_encoder("minilm-l6", Options(device="cpu", dtype="bfloat16"))
     assert [r.getMessage() for r in caplog.records] == [
-        "minilm-l6: this CPU has no bfloat16 instructions, so PyTorch emulates them: expect it several times slower than float32"]
+        "minilm-l6: this CPU has no bfloat16 instructions, so PyTorch emulates them: expect it several times slower than float32"
+    ]

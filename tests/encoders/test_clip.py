@@ -24,7 +24,9 @@ PROMPTS = [
     "A photo of a CAT!!",
     "naïve café déjà vu — 東京 🚀",
     "x",
-    " ".join(f"a {c} square next to a {c} star," for c in ["red", "green", "blue", "yellow", "purple"] * 4),  # > 77 tokens
+    " ".join(
+        f"a {c} square next to a {c} star," for c in ["red", "green", "blue", "yellow", "purple"] * 4
+    ),  # > 77 tokens
 ]
 IMAGES = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "logo.png"]
 BOS, EOS = 757, 758  # the fixture tokenizer's special ids
@@ -36,7 +38,15 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def hf_clip(
-    image_size=32, patch_size=16, act="gelu", eos=EOS, vision=(64, 2, 4, 128), text=(64, 2, 4, 128), embed=48, vocab=759, noise=True
+    image_size=32,
+    patch_size=16,
+    act="gelu",
+    eos=EOS,
+    vision=(64, 2, 4, 128),
+    text=(64, 2, 4, 128),
+    embed=48,
+    vocab=759,
+    noise=True,
 ) -> CLIPModel:
     """A transformers CLIPModel with random weights: HF's init plus (by default) noise, so that no bias is 0 and no LN is 1."""
     width, layers, heads, mlp = vision
@@ -44,7 +54,8 @@ def hf_clip(
     width, layers, heads, mlp = text
     text_config = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp)
     config = CLIPConfig(
-        text_config=text_config | dict(vocab_size=vocab, hidden_act=act, eos_token_id=eos, bos_token_id=BOS, pad_token_id=EOS),
+        text_config=text_config
+        | dict(vocab_size=vocab, hidden_act=act, eos_token_id=eos, bos_token_id=BOS, pad_token_id=EOS),
         vision_config=vision_config | dict(image_size=image_size, patch_size=patch_size, hidden_act=act),
         projection_dim=embed,
     )
@@ -84,7 +95,12 @@ def our_features(encoder: ClipEncoder, photos: dict, texts: list[str]) -> tuple[
 
 @pytest.mark.parametrize(
     "patch,image_size,size,act,eos",
-    [(14, 28, 32, "quick_gelu", EOS), (16, 32, 36, "gelu", 2), (32, 64, 64, "gelu", EOS), (16, 48, 56, "quick_gelu", 2)],
+    [
+        (14, 28, 32, "quick_gelu", EOS),
+        (16, 32, 36, "gelu", 2),
+        (32, 64, 64, "gelu", EOS),
+        (16, 48, 56, "quick_gelu", 2),
+    ],
 )
 def test_tiny_configs_match_transformers(tmp_path, photos, clip_tokenizer_json, patch, image_size, size, act, eos):
     model = hf_clip(image_size=image_size, patch_size=patch, act=act, eos=eos)
@@ -145,21 +161,36 @@ def vit_b32(tmp_path_factory, clip_tokenizer_json, photos):
     with the fp32 encoder and its embeddings of B32_IMAGES and B32_PROMPTS."""
     path = tmp_path_factory.mktemp("vit-b32")
     model = hf_clip(
-        image_size=224, patch_size=32, act="quick_gelu", eos=2, vision=(768, 12, 12, 3072), text=(512, 12, 8, 2048), embed=512,
-        vocab=49408, noise=False,  # the tiny configs check biases and norms; this one checks scale
+        image_size=224,
+        patch_size=32,
+        act="quick_gelu",
+        eos=2,
+        vision=(768, 12, 12, 3072),
+        text=(512, 12, 8, 2048),
+        embed=512,
+        vocab=49408,
+        noise=False,  # the tiny configs check biases and norms; this one checks scale
     )
     save_hf(model, path, clip_tokenizer_json, 224)
     stored = convert_hf(path)
     encoder = ClipEncoder("b32", stored)
     images = [photos[n] for n in B32_IMAGES]
     return SimpleNamespace(
-        model=model, path=path, stored=stored, encoder=encoder, images=images,
-        image_embeddings=encoder.encode("image", images), text_embeddings=encoder.encode("text", B32_PROMPTS),
+        model=model,
+        path=path,
+        stored=stored,
+        encoder=encoder,
+        images=images,
+        image_embeddings=encoder.encode("image", images),
+        text_embeddings=encoder.encode("text", B32_PROMPTS),
     )
 
 
 def test_vit_b32_matches_transformers(vit_b32):
-    processor, tokenizer = CLIPImageProcessorPil.from_pretrained(vit_b32.path), CLIPTokenizer.from_pretrained(vit_b32.path)
+    processor, tokenizer = (
+        CLIPImageProcessorPil.from_pretrained(vit_b32.path),
+        CLIPTokenizer.from_pretrained(vit_b32.path),
+    )
     pixels = processor(images=[Image.open(io.BytesIO(b)) for b in vit_b32.images], return_tensors="pt")["pixel_values"]
     tokens = tokenizer(B32_PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.inference_mode():
@@ -179,7 +210,9 @@ def test_bfloat16_is_close_to_float32(vit_b32):
 def test_batch_equals_one_by_one(vit_b32):
     single = np.concatenate([vit_b32.encoder.encode("image", [x]) for x in vit_b32.images])
     assert np.abs(vit_b32.image_embeddings - single).max() <= 1e-5
-    single = np.concatenate([vit_b32.encoder.encode("text", [t]) for t in B32_PROMPTS])  # unpadded, vs padded in the batch
+    single = np.concatenate(
+        [vit_b32.encoder.encode("text", [t]) for t in B32_PROMPTS]
+    )  # unpadded, vs padded in the batch
     assert np.abs(vit_b32.text_embeddings - single).max() <= 1e-5
 
 
@@ -248,9 +281,15 @@ def _rewrite_weights(path: Path, edit) -> None:
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda t: t.pop("vision_model.encoder.layers.1.self_attn.k_proj.bias"), "vision_model.encoder.layers.1.self_attn.k_proj.bias"),
+        (
+            lambda t: t.pop("vision_model.encoder.layers.1.self_attn.k_proj.bias"),
+            "vision_model.encoder.layers.1.self_attn.k_proj.bias",
+        ),
         (lambda t: t.update({"text_projection.weight": torch.zeros(48, 60)}), "text_projection.weight"),
-        (lambda t: t.update({"text_model.encoder.layers.2.mlp.fc1.weight": torch.zeros(1)}), "text_model.encoder.layers.2.mlp.fc1.weight"),
+        (
+            lambda t: t.update({"text_model.encoder.layers.2.mlp.fc1.weight": torch.zeros(1)}),
+            "text_model.encoder.layers.2.mlp.fc1.weight",
+        ),
     ],
 )
 def test_convert_names_a_bad_tensor(tmp_path, clip_tokenizer_json, edit, message):
@@ -299,7 +338,12 @@ def test_old_style_config_and_preprocessor(tmp_path, clip_tokenizer_json):
     (path / "preprocessor_config.json").write_text(json.dumps({"size": 36, "crop_size": 32, "do_center_crop": True}))
     stored = convert_hf(path)
     assert stored.config["text_width"] == 64 and stored.config["activation"] == "quick_gelu"
-    assert stored.preprocess == {"size": 36, "crop_size": 32, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}
+    assert stored.preprocess == {
+        "size": 36,
+        "crop_size": 32,
+        "mean": list(OPENAI_CLIP_MEAN),
+        "std": list(OPENAI_CLIP_STD),
+    }
 
 
 # --- tokenizer -------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ def test_gif_with_transparency_matches_clip_image_processor(encode):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    pixels=st.integers(1, 70).flatmap(lambda h: arrays(np.uint8, st.tuples(st.just(h), st.integers(1, 70), st.sampled_from([1, 3])))),
+    pixels=st.integers(1, 70).flatmap(
+        lambda h: arrays(np.uint8, st.tuples(st.just(h), st.integers(1, 70), st.sampled_from([1, 3])))
+    ),
     crop=st.integers(1, 48),
     extra=st.integers(0, 20),
 )
@@ -104,7 +106,12 @@ def test_shape_dtype_and_range(pixels, crop, extra):
 @given(pixels=arrays(np.uint8, st.tuples(st.integers(1, 60), st.integers(1, 60), st.just(3))))
 def test_lossless_formats_give_equal_values(pixels, encode):
     png = image.load(encode(pixels, "PNG"), size=40, crop_size=32)
-    for fmt, options in (("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True, "exact": True}), ("PNG", {"optimize": True})):
+    for fmt, options in (
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("WEBP", {"lossless": True, "exact": True}),
+        ("PNG", {"optimize": True}),
+    ):
         assert np.array_equal(image.load(encode(pixels, fmt, **options), size=40, crop_size=32), png), fmt
 
 

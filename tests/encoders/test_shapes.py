@@ -60,7 +60,7 @@ def test_scenes_draw_what_they_name():
 
 def shape_pixels(scene: shapes.Scene) -> np.ndarray:
     """(64, 64) bool: the pixels drawn in the shape's colour."""
-    return (np.abs(np.asarray(shapes.render(scene), dtype=int) - scene.rgb).max(-1) < 30)
+    return np.abs(np.asarray(shapes.render(scene), dtype=int) - scene.rgb).max(-1) < 30
 
 
 def test_sizes_and_positions_are_told_apart_by_pixels():
@@ -95,7 +95,9 @@ def test_tokenizer_wraps_in_start_and_end_with_end_highest_and_not_2():
     assert tokenizer.decode(ids) == "a red circle , in the top left ."
     assert tokenizer.encode("a zebra").ids[2] == tokenizer.token_to_id(shapes.UNK)
     # the end token is the highest id in every row, so legacy (argmax) pooling would pick it too
-    ids, _ = TextTokenizer(shapes.build_tokenizer(), 32)(["a red circle", "a small blue square in the top left corner", "x"])
+    ids, _ = TextTokenizer(shapes.build_tokenizer(), 32)(
+        ["a red circle", "a small blue square in the top left corner", "x"]
+    )
     ids = torch.from_numpy(ids)
     x = torch.randn(*ids.shape, 8)
     first_eos = pool_eos(x, ids, eos, legacy=False)
@@ -170,10 +172,11 @@ def test_sample_media_shapes_are_rendered_and_recognised(shapes_clip, tmp_path):
     samples.write_shapes(tmp_path)
     assert [p.name for p in committed] == sorted(p.name for p in tmp_path.iterdir())
     for p in committed[::20]:
-        np.testing.assert_array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(io.BytesIO((tmp_path / p.name).read_bytes()))))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(p)), np.asarray(Image.open(io.BytesIO((tmp_path / p.name).read_bytes())))
+        )
     labels = [tuple(p.stem.split("_")[:2]) for p in committed]
     prompts = shapes_clip.encode("text", [f"a {c} {s}" for c, s in shapes.CLASSES])
     predicted = (shapes_clip.encode("image", [p.read_bytes() for p in committed]) @ prompts.T).argmax(1)
     accuracy = np.mean([shapes.CLASSES[k] == label for k, label in zip(predicted, labels)])
     assert accuracy >= 0.95, f"zero-shot accuracy on jobs/sample_media/shapes: {accuracy:.3f}"
-

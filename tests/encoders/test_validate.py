@@ -80,17 +80,30 @@ def write_tiny_clip(path):
     from encoders.clip import train_tokenizer
 
     path.mkdir()
-    tokenizer = train_tokenizer(["a red circle on a grey background", "a blue square", "the cat sat on the mat"] * 5, 560)
+    tokenizer = train_tokenizer(
+        ["a red circle on a grey background", "a blue square", "the cat sat on the mat"] * 5, 560
+    )
     (path / "tokenizer.json").write_text(tokenizer)
     vocab = Tokenizer.from_str(tokenizer).get_vocab()
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    text = layers | dict(vocab_size=len(vocab), max_position_embeddings=16, eos_token_id=eos, bos_token_id=bos, pad_token_id=eos)
+    text = layers | dict(
+        vocab_size=len(vocab), max_position_embeddings=16, eos_token_id=eos, bos_token_id=bos, pad_token_id=eos
+    )
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=layers | dict(image_size=32, patch_size=8), projection_dim=24)).save_pretrained(path)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=layers | dict(image_size=32, patch_size=8), projection_dim=24)
+    ).save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 16} | specials))
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 16} | specials)
+    )
     return path
 
 

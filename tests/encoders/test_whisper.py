@@ -79,7 +79,9 @@ def hf_features(name: str) -> np.ndarray:
     """(windows, 80, 3000): what a transformers user feeds WhisperModel for this clip."""
     samples = load_audio(str(FIXTURES / name), audio.SAMPLE_RATE, backend="soundfile")
     windows = [samples[i : i + audio.N_SAMPLES] for i in range(0, len(samples), audio.N_SAMPLES)]
-    return WhisperFeatureExtractor(feature_size=80)(windows, sampling_rate=audio.SAMPLE_RATE, return_tensors="np").input_features
+    return WhisperFeatureExtractor(feature_size=80)(
+        windows, sampling_rate=audio.SAMPLE_RATE, return_tensors="np"
+    ).input_features
 
 
 def hf_trimmed(model: WhisperModel, mel: np.ndarray) -> np.ndarray:
@@ -96,7 +98,13 @@ def hf_trimmed(model: WhisperModel, mel: np.ndarray) -> np.ndarray:
 def test_hf_checkpoint_converts(hf_stored):
     assert hf_stored.kind == "whisper"
     assert WhisperDims(**hf_stored.config) == WhisperDims(n_mels=80, n_ctx=1500, width=64, heads=4, layers=2, hidden=96)
-    assert hf_stored.preprocess == {"n_mels": 80, "sampling_rate": 16000, "n_fft": 400, "hop_length": 160, "chunk_length": 30}
+    assert hf_stored.preprocess == {
+        "n_mels": 80,
+        "sampling_rate": 16000,
+        "n_fft": 400,
+        "hop_length": 160,
+        "chunk_length": 30,
+    }
     assert all(t.dtype == torch.float32 for t in hf_stored.tensors.values())
 
 
@@ -115,7 +123,9 @@ def test_padded_parity_with_transformers(hf, hf_stored):
 
 
 def test_bundled_tiny_en_matches_ctranslate2(tiny_en):
-    assert WhisperDims(**tiny_en.config) == WhisperDims(n_mels=80, n_ctx=1500, width=384, heads=6, layers=4, hidden=1536)
+    assert WhisperDims(**tiny_en.config) == WhisperDims(
+        n_mels=80, n_ctx=1500, width=384, heads=6, layers=4, hidden=1536
+    )
     enc = encoder(tiny_en, audio_mode="padded")
     mels = np.stack([enc.preprocess("audio", raw(name)) for name in SHORT])
     ct2 = ctranslate2.models.Whisper(str(TINY_EN), device="cpu", compute_type="float32")
@@ -219,7 +229,13 @@ def test_bad_inputs_are_rejected(hf_stored):
         enc.preprocess("audio", b"")
     with pytest.raises(AudioValidationError, match="cannot decode"):
         enc.preprocess("audio", b"\x00" * 100)
-    for bad in (np.zeros((80, 3), np.float32), np.zeros((80, 0), np.float32), np.zeros((64, 10), np.float32), np.zeros(80, np.float32), [[0.0] * 4] * 80):
+    for bad in (
+        np.zeros((80, 3), np.float32),
+        np.zeros((80, 0), np.float32),
+        np.zeros((64, 10), np.float32),
+        np.zeros(80, np.float32),
+        [[0.0] * 4] * 80,
+    ):
         with pytest.raises(AudioValidationError):
             enc.embed("audio", [bad])
     assert enc.embed("audio", []).shape == (0, 64)

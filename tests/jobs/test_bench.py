@@ -23,15 +23,46 @@ from pipelines.embed import FREE_CPUS, MIN_ACTOR_CPUS
 
 TINY_CLIP = {
     "projection_dim": 16,
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16},
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+    },
 }
 PLAN = bench.Plan(
-    n={"image": 4, "audio": 2, "text": 6}, clip=TINY_CLIP, clip_name="bench-clip-tiny", sweep=((1, 2, 1), (64, 2, 1)), sweep_images=4,
-    query_rows=(300, 1000), index_rows=500, queries=3, naive_queries=2, rss_images=(2, 4), bare_reps=1, quick=True,
+    n={"image": 4, "audio": 2, "text": 6},
+    clip=TINY_CLIP,
+    clip_name="bench-clip-tiny",
+    sweep=((1, 2, 1), (64, 2, 1)),
+    sweep_images=4,
+    query_rows=(300, 1000),
+    index_rows=500,
+    queries=3,
+    naive_queries=2,
+    rss_images=(2, 4),
+    bare_reps=1,
+    quick=True,
 )
-RATIOS = ("image_fp32_vs_hf", "image_fp32_vs_bare", "image_bf16_vs_hf_fp32", "audio_trimmed_vs_hf", "text_fp32_vs_st", "text_bf16_vs_st",
-          "query_1m_vs_naive", "peak_rss_ratio_20k_vs_2k")
+RATIOS = (
+    "image_fp32_vs_hf",
+    "image_fp32_vs_bare",
+    "image_bf16_vs_hf_fp32",
+    "audio_trimmed_vs_hf",
+    "text_fp32_vs_st",
+    "text_bf16_vs_st",
+    "query_1m_vs_naive",
+    "peak_rss_ratio_20k_vs_2k",
+)
 
 
 def positive(value) -> bool:
@@ -82,7 +113,9 @@ def test_baselines_compute_what_our_encoders_compute(result):
     m = doc["modalities"]
     assert m["image"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "CLIPModel from the same checkpoint as our store"
     assert m["text"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "sentence-transformers on the same MiniLM"
-    assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, "transformers' encoder with tiny.en weights mapped back"
+    assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, (
+        "transformers' encoder with tiny.en weights mapped back"
+    )
     for modality in m:
         assert m[modality]["cosine_min"]["bfloat16_vs_float32"] > 0.9
 
@@ -98,15 +131,29 @@ def test_retrieval_memory_and_fixed_cost(result):
     assert 0 < x["hnsw_ms"]["p50"] <= x["hnsw_ms"]["p95"] and 0 < x["exact_ms"]["p50"] <= x["exact_ms"]["p95"]
     assert doc["latency_ms"]["query_hnsw_p50"] == x["hnsw_ms"]["p50"]
     assert [j["images"] for j in doc["memory"]["jobs"]] == [2, 4]
-    assert all(j["peak_rss_mb"] > 100 for j in doc["memory"]["jobs"]), "a Ray job's process tree holds far more than 100 MB"
+    assert all(j["peak_rss_mb"] > 100 for j in doc["memory"]["jobs"]), (
+        "a Ray job's process tree holds far more than 100 MB"
+    )
     assert doc["fixed_cost"]["seconds"] >= doc["fixed_cost"]["job_wall_s"] > 0
 
 
 def test_reports(result):
     out, doc, paths = result
-    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(doc)) == json.loads((out / "copy" / "result.json").read_text())
+    assert (
+        json.loads(paths["json"].read_text())
+        == json.loads(json.dumps(doc))
+        == json.loads((out / "copy" / "result.json").read_text())
+    )
     text = paths["markdown"].read_text()
-    for heading in ("Pipeline throughput", "Pipeline stages", "sweep", "Retrieval", "HNSW index", "Memory and fixed cost", "Targets"):
+    for heading in (
+        "Pipeline throughput",
+        "Pipeline stages",
+        "sweep",
+        "Retrieval",
+        "HNSW index",
+        "Memory and fixed cost",
+        "Targets",
+    ):
         assert heading in text
     assert text.count("\n| ") >= 3 + 2 + 2 + 2 + 2 + 11
     with Image.open(paths["plot"]) as png:
@@ -123,7 +170,12 @@ def test_synthetic_media():
             assert np.asarray(img).std() > 10, "varied content, not a flat colour"
     for id_, data in bench.generate("audio", 3):
         samples, rate = sf.read(io.BytesIO(data))
-        assert id_.endswith(".flac") and rate == audio.SAMPLE_RATE and len(samples) == 5 * audio.SAMPLE_RATE and samples.ndim == 1
+        assert (
+            id_.endswith(".flac")
+            and rate == audio.SAMPLE_RATE
+            and len(samples) == 5 * audio.SAMPLE_RATE
+            and samples.ndim == 1
+        )
         assert 0.1 < np.abs(samples).max() <= 1
     for _, text in bench.generate("text", 20):
         assert 10 <= len(text.split()) <= 20
@@ -137,7 +189,9 @@ def test_write_dataset_is_raw_media_parquet(tmp_path):
     assert dict(inventory.counts) == {"image": 2, "audio": 1, "text": 3}
     items = bench.read_items(dataset)
     assert sum(isinstance(i, str) for i in items) == 3 and sum(isinstance(i, bytes) for i in items) == 3
-    assert bench.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(bench.read_items(dataset)) == 6, "kept, not rebuilt"
+    assert bench.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(bench.read_items(dataset)) == 6, (
+        "kept, not rebuilt"
+    )
 
 
 def test_peak_memory_counts_child_processes_and_shared_memory_once():
@@ -167,8 +221,13 @@ os.unlink(path)
 def test_arguments():
     from jobs.cli import build_parser
 
-    args = build_parser().parse_args(["bench", "--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"])
+    args = build_parser().parse_args(
+        ["bench", "--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"]
+    )
     plan = bench.make_plan(args.n, args.quick, tuple(args.modality))
     assert plan.n == {"image": 5, "audio": 5, "text": 50} and plan.modalities == ("image", "text")
     assert not plan.whole_run, "retrieval, memory and the 10-item job run only when every modality does"
-    assert bench.make_plan(None, True).query_rows[-1] == 100_000 and bench.make_plan(None, False).query_rows[-1] == 1_000_000
+    assert (
+        bench.make_plan(None, True).query_rows[-1] == 100_000
+        and bench.make_plan(None, False).query_rows[-1] == 1_000_000
+    )

@@ -39,27 +39,65 @@ def _node_count(address: str, env: dict) -> int:
 def cluster():
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           # Ray 2.60 turns on token authentication; its token lives beside the cluster's temp dir, which the
-           # test's clients do not share, so this private test cluster runs without it.
-           "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray 2.60 turns on token authentication; its token lives beside the cluster's temp dir, which the
+        # test's clients do not share, so this private test cluster runs without it.
+        "RAY_AUTH_MODE": "disabled",
+    }
     env.pop("RAY_ADDRESS", None)
     # Two nodes on one machine: each node's agents need ports of their own.
-    agent_ports = [[f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"] for _ in range(2)]
+    agent_ports = [
+        [
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
+        for _ in range(2)
+    ]
     starts = [
-        [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", "--block", *agent_ports[0]],
-        [str(RAY), "start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
-         "--disable-usage-stats", "--block", *agent_ports[1]],
+        [
+            str(RAY),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            "--block",
+            *agent_ports[0],
+        ],
+        [
+            str(RAY),
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            "--block",
+            *agent_ports[1],
+        ],
     ]
     procs = []
     try:
-        procs.append(subprocess.Popen(starts[0], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                starts[0], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         deadline = time.time() + 90
         while _node_count(f"127.0.0.1:{port}", env) < 1 and time.time() < deadline:
             time.sleep(1)
-        procs.append(subprocess.Popen(starts[1], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                starts[1], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         while _node_count(f"127.0.0.1:{port}", env) < 2 and time.time() < deadline:
             time.sleep(1)
         if _node_count(f"127.0.0.1:{port}", env) < 2:
@@ -80,15 +118,29 @@ def make_media(folder: Path, n: int = 64) -> Path:
 
 
 def mmembed(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_job_runs_on_both_nodes(cluster, tmp_path):
     media, root = make_media(tmp_path / "media"), tmp_path / "store"
     small_batches = tmp_path / "job.yaml"  # many small blocks, so every actor gets some
     small_batches.write_text("batch_size:\n  preprocess: 4\n  text: 4\n")
-    args = ["embed", str(media), str(root), "--model", "text=minilm-l6", "--address", cluster["address"],
-            "--actors", "3", "--config", str(small_batches), "--json"]  # 3 one-CPU actors cannot fit one 2-CPU node
+    args = [
+        "embed",
+        str(media),
+        str(root),
+        "--model",
+        "text=minilm-l6",
+        "--address",
+        cluster["address"],
+        "--actors",
+        "3",
+        "--config",
+        str(small_batches),
+        "--json",
+    ]  # 3 one-CPU actors cannot fit one 2-CPU node
     refused = mmembed(*args, env=cluster["env"])
     assert refused.returncode != 0 and "--allow-local-root" in refused.stderr
     run = mmembed(*args, "--allow-local-root", env=cluster["env"])

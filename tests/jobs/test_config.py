@@ -8,7 +8,11 @@ from jobs.config import ConfigError
 
 def test_default_config_is_the_embedded_default():
     cfg = config.load()
-    assert cfg.models == {"image": ("shapes-clip",), "audio": ("whisper-tiny.en",), "text": ("minilm-l6", "shapes-clip")}
+    assert cfg.models == {
+        "image": ("shapes-clip",),
+        "audio": ("whisper-tiny.en",),
+        "text": ("minilm-l6", "shapes-clip"),
+    }
     assert cfg.whisper_mode == "trimmed" and cfg.dtype == "float32" and cfg.ray.address is None
 
 

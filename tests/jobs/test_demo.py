@@ -30,11 +30,19 @@ def test_every_sample_is_embedded_by_every_model_of_its_modality(result):
 
 def test_text_to_image_finds_what_the_text_says(result):
     _, got = result
-    for query, colour_shape in (("a red circle", "red_circle"), ("a green star", "green_star"), ("a yellow triangle", "yellow_triangle")):
+    for query, colour_shape in (
+        ("a red circle", "red_circle"),
+        ("a green star", "green_star"),
+        ("a yellow triangle", "yellow_triangle"),
+    ):
         hits = [Path(h["id"]).stem for h in got["text_to_image"][query]]
         assert all(h.startswith(colour_shape) for h in hits), (query, hits)
     # a caption naming size and place too: the sample that fits it all comes first or second, among blue shapes
-    fits = [f"blue_square_{n}" for n, scene in enumerate(sample_scenes("blue", "square")) if (scene.size, scene.position) == ("small", "top left")]
+    fits = [
+        f"blue_square_{n}"
+        for n, scene in enumerate(sample_scenes("blue", "square"))
+        if (scene.size, scene.position) == ("small", "top left")
+    ]
     hits = [Path(h["id"]).stem for h in got["text_to_image"]["a small blue square in the top left"]]
     assert fits and fits[0] in hits[:2] and all(h.startswith("blue_") for h in hits), hits
 

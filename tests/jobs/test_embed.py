@@ -44,7 +44,12 @@ def make_media(root: Path) -> Path:
     Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(root / "photos" / "red.webp")
     for src in ("fox_8k.wav", "numbers_22k.ogg", "stella_44k_stereo.flac"):
         shutil.copy(FIXTURES / "audio" / src, root / "sounds" / src)
-    texts = ["a red circle", "the quick brown fox jumps over the lazy dog", "numbers one two three", "ein Bild einer Katze"]
+    texts = [
+        "a red circle",
+        "the quick brown fox jumps over the lazy dog",
+        "numbers one two three",
+        "ein Bild einer Katze",
+    ]
     for i, t in enumerate(texts):
         (root / "notes" / ("deep" if i % 2 else "") / f"t{i}.txt").write_text(t)
     # broken inputs, one reason each
@@ -68,7 +73,21 @@ def job(tmp_path_factory, ray_session, tiny_clip_model):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["embed", str(media), str(root), "--model", f"image={CLIP}", "--model", f"text=minilm-l6,{CLIP}", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "embed",
+                    str(media),
+                    str(root),
+                    "--model",
+                    f"image={CLIP}",
+                    "--model",
+                    f"text=minilm-l6,{CLIP}",
+                    "--json",
+                ]
+            )
+            == 0
+        )
     return media, root, json.loads(out.getvalue())
 
 
@@ -81,7 +100,11 @@ def test_counts_per_modality_and_model(job):
     assert set(record["counts"]) == keys
     for key, c in record["counts"].items():
         modality = c["modality"]
-        assert (c["read"], c["embedded"], c["errored"]) == (GOOD[modality] + BAD[modality], GOOD[modality], BAD[modality]), key
+        assert (c["read"], c["embedded"], c["errored"]) == (
+            GOOD[modality] + BAD[modality],
+            GOOD[modality],
+            BAD[modality],
+        ), key
     assert record["nodes"], "the job record names the Ray nodes that did the work"
 
 
@@ -94,22 +117,34 @@ def test_every_broken_file_has_an_error_row(job):
         by_id.setdefault(r["id"], []).append(r)
         assert r["message"], r
         assert r["stage"] in ("read", "preprocess", "encode")
-    assert set(by_id) == {"photos/garbage.jpg", "photos/truncated.png", "photos/empty.gif", "sounds/empty.wav",
-                          "sounds/noise.mp3", "notes/blank.txt", "notes/latin1.txt"}
+    assert set(by_id) == {
+        "photos/garbage.jpg",
+        "photos/truncated.png",
+        "photos/empty.gif",
+        "sounds/empty.wav",
+        "sounds/noise.mp3",
+        "notes/blank.txt",
+        "notes/latin1.txt",
+    }
     assert [r["model"] for r in by_id["notes/blank.txt"]] == ["minilm-l6", CLIP]
     assert by_id["photos/garbage.jpg"][0]["error_type"] == "ImageValidationError"
     assert by_id["sounds/empty.wav"][0]["error_type"] == "AudioValidationError"
     assert by_id["notes/blank.txt"][0]["error_type"] == "TextValidationError"
 
 
-@pytest.mark.parametrize("modality,model", [("image", CLIP), ("audio", "whisper-tiny.en"), ("text", "minilm-l6"), ("text", CLIP)])
+@pytest.mark.parametrize(
+    "modality,model", [("image", CLIP), ("audio", "whisper-tiny.en"), ("text", "minilm-l6"), ("text", CLIP)]
+)
 def test_embeddings_equal_the_encoder_run_directly(job, modality, model):
     media, root, _ = job
     con = connect(str(root))
     view = {"image": "images", "audio": "audio", "text": "texts"}[modality]
     # a view holding models of several dims pads the narrower vectors with zeros: slice them back
-    rows = run_readonly(con, f"SELECT id, uri, content_hash, embedding[1:dim] AS embedding FROM {view} WHERE model = ? ORDER BY id",
-                        [model]).to_pylist()
+    rows = run_readonly(
+        con,
+        f"SELECT id, uri, content_hash, embedding[1:dim] AS embedding FROM {view} WHERE model = ? ORDER BY id",
+        [model],
+    ).to_pylist()
     assert len(rows) == GOOD[modality]
     encoder = load_encoder(model)
     raws = [(media / r["id"]).read_bytes() for r in rows]
@@ -133,14 +168,18 @@ def test_self_retrieval_and_sql_topk_match_brute_force(job, capsys):
     assert hits[0]["id"] == "photos/coffee.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["modality"] for h in hits] == ["image"] * 3
 
-    sql = (f"SELECT id, array_cosine_similarity(embedding, embed_text('{CLIP}', 'a red circle')) AS score "
-           f"FROM images WHERE model = '{CLIP}' ORDER BY score DESC LIMIT 4")
+    sql = (
+        f"SELECT id, array_cosine_similarity(embedding, embed_text('{CLIP}', 'a red circle')) AS score "
+        f"FROM images WHERE model = '{CLIP}' ORDER BY score DESC LIMIT 4"
+    )
     assert main(["sql", str(root), sql, "--json"]) == 0
     top = json.loads(capsys.readouterr().out)
     con = connect(str(root))
     rows = run_readonly(con, "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ?", [CLIP]).to_pylist()
     q = load_encoder(CLIP).encode("text", ["a red circle"])[0]
-    scores = {r["id"]: float(np.dot(r["embedding"], q) / np.linalg.norm(r["embedding"]) / np.linalg.norm(q)) for r in rows}
+    scores = {
+        r["id"]: float(np.dot(r["embedding"], q) / np.linalg.norm(r["embedding"]) / np.linalg.norm(q)) for r in rows
+    }
     brute = sorted(scores, key=scores.get, reverse=True)[:4]
     assert [t["id"] for t in top] == brute
     assert [t["score"] for t in top] == pytest.approx([scores[i] for i in brute], abs=1e-5)
@@ -150,11 +189,15 @@ def test_classify_labels_every_image_by_the_clip_text_tower(job, capsys, tmp_pat
     _, root, _ = job
     labels = ["a red circle", "a photo of a cat", "an astronaut"]
     capsys.readouterr()
-    assert main(["classify", str(root), "--labels", ",".join(labels), "--json", "--out", str(tmp_path / "labels.parquet")]) == 0
+    assert (
+        main(["classify", str(root), "--labels", ",".join(labels), "--json", "--out", str(tmp_path / "labels.parquet")])
+        == 0
+    )
     out = capsys.readouterr()
     got = json.loads(out.out)
-    rows = run_readonly(connect(str(root)), "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ? ORDER BY id",
-                        [CLIP]).to_pylist()
+    rows = run_readonly(
+        connect(str(root)), "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ? ORDER BY id", [CLIP]
+    ).to_pylist()
     encoder = load_encoder(CLIP)
     logits = encoder.logit_scale * np.array([r["embedding"] for r in rows]) @ encoder.encode("text", labels).T
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -177,7 +220,9 @@ def test_index_command_and_query_through_it(job, capsys, tmp_path):
     capsys.readouterr()
     assert main(["index", str(root), "--modality", "image", "--json"]) == 0
     built = json.loads(capsys.readouterr().out)
-    assert [(b["modality"], b["model"], b["rows"], b["status"]) for b in built] == [("image", CLIP, GOOD["image"], "built")]
+    assert [(b["modality"], b["model"], b["rows"], b["status"]) for b in built] == [
+        ("image", CLIP, GOOD["image"], "built")
+    ]
     query = ["query", str(root), "--image", str(media / "photos/coffee.jpg"), "-k", "3", "--json"]
     assert main(query) == 0
     out = capsys.readouterr()
@@ -189,7 +234,9 @@ def test_index_command_and_query_through_it(job, capsys, tmp_path):
     assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in exact], abs=1e-5)
     assert main(["index", str(root), "--json"]) == 0
     statuses = {(b["modality"], b["model"]): b["status"] for b in json.loads(capsys.readouterr().out)}
-    assert statuses.pop(("image", CLIP)) == "fresh" and set(statuses.values()) == {"built"}, "only the missing indexes are built"
+    assert statuses.pop(("image", CLIP)) == "fresh" and set(statuses.values()) == {"built"}, (
+        "only the missing indexes are built"
+    )
     assert main(["index", str(root), "--m", "0"]) == 1
     assert "HNSW options must be positive" in capsys.readouterr().err
 
@@ -210,12 +257,38 @@ def test_parquet_input_with_passthrough_and_model_flags(tmp_path, ray_session, c
     ]
     for r in rows:
         r.setdefault("modality", None)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("modality", pa.string()), ("text", pa.string()),
-                                                         ("data", pa.binary()), ("lang", pa.string()), ("rank", pa.int64())]))
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("modality", pa.string()),
+                ("text", pa.string()),
+                ("data", pa.binary()),
+                ("lang", pa.string()),
+                ("rank", pa.int64()),
+            ]
+        ),
+    )
     pq.write_table(table, tmp_path / "raw.parquet")
     root = tmp_path / "store"
-    assert main(["embed", str(tmp_path / "raw.parquet"), str(root), "--model", "text=minilm-l6", "--passthrough", "lang",
-                 "--passthrough", "rank", "--json"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(tmp_path / "raw.parquet"),
+                str(root),
+                "--model",
+                "text=minilm-l6",
+                "--passthrough",
+                "lang",
+                "--passthrough",
+                "rank",
+                "--json",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out)
     assert list(record["counts"]) == ["text/minilm-l6"]
     assert (record["counts"]["text/minilm-l6"]["embedded"], record["counts"]["text/minilm-l6"]["errored"]) == (2, 1)

@@ -47,7 +47,9 @@ def committed_rows(root: Path) -> list[tuple]:
 
 
 def visible_files(root: Path) -> set[str]:
-    return {str(p) for p in (root / "embeddings").rglob("*") if p.is_file()} | {str(p) for p in (root / "errors").rglob("*") if p.is_file()}
+    return {str(p) for p in (root / "embeddings").rglob("*") if p.is_file()} | {
+        str(p) for p in (root / "errors").rglob("*") if p.is_file()
+    }
 
 
 def test_rerun_writes_nothing_and_new_or_changed_files_are_embedded(tmp_path, ray_session, capsys):
@@ -70,7 +72,9 @@ def test_rerun_writes_nothing_and_new_or_changed_files_are_embedded(tmp_path, ra
     assert len(rows) == len(set(rows))
     from storage.query import connect, run_readonly
 
-    newest = run_readonly(connect(str(root)), "SELECT id, count(*) AS n FROM texts GROUP BY id HAVING n > 1").to_pylist()
+    newest = run_readonly(
+        connect(str(root)), "SELECT id, count(*) AS n FROM texts GROUP BY id HAVING n > 1"
+    ).to_pylist()
     assert newest == []
     t3 = run_readonly(connect(str(root)), "SELECT content_hash FROM texts WHERE id = 't0003.txt'").to_pylist()
     import hashlib
@@ -102,7 +106,9 @@ def test_kill_at_random_points_then_rerun_equals_a_clean_run(tmp_path, ray_sessi
     assert final["status"] == "succeeded"
     strip = lambda rows: sorted((k, i, m, h) for k, i, m, h in rows)  # noqa: E731
     assert strip(committed_rows(root)) == strip(committed_rows(clean))
-    assert visible_files(root) == set(Store(str(root)).committed_files("embeddings")) | set(Store(str(root)).committed_files("errors"))
+    assert visible_files(root) == set(Store(str(root)).committed_files("embeddings")) | set(
+        Store(str(root)).committed_files("errors")
+    )
 
 
 KILL_IN_COMMIT = """
@@ -131,9 +137,25 @@ def test_kill_during_commit_leaves_nothing_half_visible(tmp_path, ray_session, c
     small_files = tmp_path / "job.yaml"
     small_files.write_text("batch_size:\n  write: 8\n")
     env = {**os.environ, "KILL_AT_COMMIT": "2"}
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, "embed", str(media), str(root), "--model", *TEXT, *FAST,
-                           "--config", str(small_files)],
-                          env=env, capture_output=True, text=True, start_new_session=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILL_IN_COMMIT,
+            "embed",
+            str(media),
+            str(root),
+            "--model",
+            *TEXT,
+            *FAST,
+            "--config",
+            str(small_files),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.returncode == -signal.SIGKILL
     first_commit = committed_rows(root)
     assert 0 < len(first_commit) < 60
@@ -150,8 +172,11 @@ def test_second_job_on_a_root_waits_or_exits(tmp_path, ray_session):
     deadline = time.time() + 60
     while not (root / "_lock").exists() and time.time() < deadline:
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "jobs.cli", "embed", str(media), str(root), "--model", *TEXT],
-                            capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "embed", str(media), str(root), "--model", *TEXT],
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode != 0
     assert "locked by job" in second.stderr and "--wait-lock" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1

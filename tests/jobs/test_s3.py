@@ -33,8 +33,12 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
@@ -45,7 +49,19 @@ def s3():
 
 
 def embed(media: Path, root: str, env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs.cli", "embed", str(media), root, "--model", "image=shapes-clip", "--model", "text=minilm-l6", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "embed",
+        str(media),
+        root,
+        "--model",
+        "image=shapes-clip",
+        "--model",
+        "text=minilm-l6",
+        "--json",
+    ]
     return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
 
 
@@ -64,7 +80,9 @@ def test_an_s3_root_end_to_end(s3, tmp_path, capsys):
     record = json.loads(first.stdout)
     assert record["status"] == "succeeded" and record["root"] == root
     assert {k: (v["read"], v["embedded"], v["errored"]) for k, v in record["counts"].items()} == {
-        "image/shapes-clip": (3, 2, 1), "text/minilm-l6": (3, 3, 0)}
+        "image/shapes-clip": (3, 2, 1),
+        "text/minilm-l6": (3, 3, 0),
+    }
     assert "locked on this host only" in first.stderr
 
     again = embed(media, root, s3)
@@ -74,14 +92,26 @@ def test_an_s3_root_end_to_end(s3, tmp_path, capsys):
     assert sum(v.get("already_done", 0) for v in rerun["counts"].values()) == 6
 
     store = Store(root)
-    bucket_files = {i.path.removeprefix(f"{BUCKET}/store/") for i in store.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/store", recursive=True))
-                    if i.type == pafs.FileType.File and i.path.endswith(".parquet")}
-    assert bucket_files == set(store._committed("embeddings")) | set(store._committed("errors")), "no orphan shards in the bucket"
+    bucket_files = {
+        i.path.removeprefix(f"{BUCKET}/store/")
+        for i in store.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/store", recursive=True))
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    }
+    assert bucket_files == set(store._committed("embeddings")) | set(store._committed("errors")), (
+        "no orphan shards in the bucket"
+    )
 
     con = connect(root)
-    counts = run_readonly(con, "SELECT modality, model, count(*) AS n FROM embeddings GROUP BY ALL ORDER BY ALL").to_pylist()
-    assert counts == [{"modality": "image", "model": "shapes-clip", "n": 2}, {"modality": "text", "model": "minilm-l6", "n": 3}]
-    assert run_readonly(con, "SELECT id, stage FROM errors").to_pylist() == [{"id": "shapes/broken.png", "stage": "preprocess"}]
+    counts = run_readonly(
+        con, "SELECT modality, model, count(*) AS n FROM embeddings GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    assert counts == [
+        {"modality": "image", "model": "shapes-clip", "n": 2},
+        {"modality": "text", "model": "minilm-l6", "n": 3},
+    ]
+    assert run_readonly(con, "SELECT id, stage FROM errors").to_pylist() == [
+        {"id": "shapes/broken.png", "stage": "preprocess"}
+    ]
     vector = load_encoder("minilm-l6").encode("text", [TEXTS[1]])[0]
     hit = search(root, vector, "text", "minilm-l6", k=1).to_pylist()[0]
     assert hit["id"] == "note1.txt" and hit["score"] == pytest.approx(1.0, abs=1e-4)

@@ -106,8 +106,14 @@ def test_missed_runs_are_caught_up_once(tmp_path):
     clock, run_job = Clock(at(12, 34)), Recorder()
     scheduler = Scheduler([Job("a", str(tmp_path))], run_job, clock=clock)
     [first] = scheduler.run_once()
-    assert first == {"job": "a", "root": str(tmp_path), "scheduled": at(12, 30).isoformat(), "status": "ok",
-                     "result": {"rows": 1}, "error": None}
+    assert first == {
+        "job": "a",
+        "root": str(tmp_path),
+        "scheduled": at(12, 30).isoformat(),
+        "status": "ok",
+        "result": {"rows": 1},
+        "error": None,
+    }
     clock.now = at(12, 39)
     assert scheduler.run_once() == []
     clock.now = at(15, 7)  # the scheduler was down for 15 ticks
@@ -143,7 +149,9 @@ def test_jobs_on_one_root_run_one_after_another_each_under_the_lock(tmp_path):
     jobs = [Job("a", str(tmp_path)), Job("b", f"file://{tmp_path}", "*/5 * * * *")]
     results = Scheduler(jobs, run_job, clock=Clock(at(12, 34))).run_once()
     assert [(r["job"], r["status"], r["scheduled"]) for r in results] == [
-        ("a", "ok", at(12, 30).isoformat()), ("b", "ok", at(12, 30).isoformat())]
+        ("a", "ok", at(12, 30).isoformat()),
+        ("b", "ok", at(12, 30).isoformat()),
+    ]
     assert events == [("a", "schedule:a", os.getpid()), ("a", "done"), ("b", "schedule:b", os.getpid()), ("b", "done")]
     assert not (tmp_path / "_lock").exists()
 
@@ -159,8 +167,13 @@ lock.release()
 
 
 def test_run_is_skipped_while_another_process_holds_the_root(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         clock, run_job = Clock(at(12, 34)), Recorder()
@@ -236,7 +249,13 @@ def test_run_forever_sleeps_until_the_next_scheduled_time(tmp_path):
     jobs = [Job("a", str(tmp_path)), Job("b", str(tmp_path), "45 12 * * *")]
     runs = run_until(Scheduler(jobs, Recorder(), clock=clock, max_sleep=3600), clock, sleeps=4)
     assert clock.slept == [330, 300, 300, 600]
-    assert runs == [("a", at(12, 34, 30)), ("b", at(12, 34, 30)), ("a", at(12, 40)), ("b", at(12, 45)), ("a", at(12, 50))]
+    assert runs == [
+        ("a", at(12, 34, 30)),
+        ("b", at(12, 34, 30)),
+        ("a", at(12, 40)),
+        ("b", at(12, 45)),
+        ("a", at(12, 50)),
+    ]
 
 
 def test_run_forever_wakes_at_least_every_max_sleep(tmp_path):

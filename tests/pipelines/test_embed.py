@@ -81,16 +81,22 @@ def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session, items, en
     job on 2 CPUs for good. So the light steps reserve no CPU, and a bounded number run at once."""
     inventory = text_inventory(tmp_path, items)
     target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
-    ds = embed.dataset(inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1")
+    ds = embed.dataset(
+        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1"
+    )
     steps = plan_steps(ds)
     # the column selection is pushed into the read
     tasks = {name: op for name, op in steps.items() if name != "Project"}
     reserving = {name for name, op in tasks.items() if op.ray_remote_args.get("num_cpus", 1) != 0}
     assert reserving == {"MapBatches(load_rows)", "MapBatches(skip_done)", "MapBatches(preprocess)", encoder}, tasks
     light = [op for name, op in tasks.items() if name not in reserving]
-    assert any(name.startswith("StreamingRepartition") for name in tasks) and len(light) == 4, "read, modality, repartition, write"
+    assert any(name.startswith("StreamingRepartition") for name in tasks) and len(light) == 4, (
+        "read, modality, repartition, write"
+    )
     assert all(op.compute.size == embed.light_tasks() for op in light), "reserving no CPU, they need a bound"
-    assert "ListFiles" not in steps, "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
+    assert "ListFiles" not in steps, (
+        "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
+    )
 
 
 def test_an_input_of_one_encoder_call_is_encoded_in_a_task_on_cpus_only(tmp_path, ray_session, monkeypatch):
@@ -103,10 +109,14 @@ def test_an_input_of_one_encoder_call_is_encoded_in_a_task_on_cpus_only(tmp_path
         assert embed.one_call(inventory, target, gpu=device == "cuda") is task
     monkeypatch.setattr(embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1 / actors, "num_gpus": 0})
     target = embed.Target("text", "minilm-l6", "digest", 3, np.empty(0, dtype="S32"))
-    ds = embed.dataset(inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=2), str(tmp_path / "store"), "job1")
+    ds = embed.dataset(
+        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=2), str(tmp_path / "store"), "job1"
+    )
     step = plan_steps(ds)["MapBatches(embed_in_task)"]
     cpus = int(ray.cluster_resources()["CPU"])
-    assert step.ray_remote_args["num_cpus"] == 1 and step.fn_kwargs["threads"] == cpus, "what one actor of a pool of one would have"
+    assert step.ray_remote_args["num_cpus"] == 1 and step.fn_kwargs["threads"] == cpus, (
+        "what one actor of a pool of one would have"
+    )
 
 
 def test_the_read_and_the_modality_filter_run_as_one_task(tmp_path, ray_session):
@@ -116,24 +126,38 @@ def test_the_read_and_the_modality_filter_run_as_one_task(tmp_path, ray_session)
 
     inventory = text_inventory(tmp_path, 5)
     target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
-    ds = embed.dataset(inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1")
+    ds = embed.dataset(
+        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1"
+    )
     names, op = [], get_execution_plan(ds._logical_plan)[0].dag
     while op is not None:
         names.append(op.name)
         op = op.input_dependencies[0] if op.input_dependencies else None
-    assert names[::-1][1:] == ["ReadParquet->MapBatches(of_modality)", "StreamingRepartition[num_rows_per_block=4,strict=True]",
-                              "MapBatches(load_rows)->MapBatches(skip_done)->MapBatches(preprocess)", "MapBatches(EmbedBatch)",
-                              "MapBatches(write_shard)"]
+    assert names[::-1][1:] == [
+        "ReadParquet->MapBatches(of_modality)",
+        "StreamingRepartition[num_rows_per_block=4,strict=True]",
+        "MapBatches(load_rows)->MapBatches(skip_done)->MapBatches(preprocess)",
+        "MapBatches(EmbedBatch)",
+        "MapBatches(write_shard)",
+    ]
 
 
 def test_cpu_encoders_get_idle_priority_preprocessing_and_whole_encoder_batches(tmp_path, ray_session, monkeypatch):
     """Beside an encoder on the same CPUs, preprocessing runs at idle priority (`stages.idle_thread`); beside a
     GPU encoder it is the bottleneck and runs as usual. Blocks hold at least one encoder batch."""
     inventory = text_inventory(tmp_path, 1)
-    monkeypatch.setattr(embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1, "num_gpus": int(gpu)})  # no GPU here
-    for device, encode_batch, yielding, block in (("cpu", 256, True, 256), ("cpu", 16, True, 64), ("cuda", 16, False, 64)):
+    monkeypatch.setattr(
+        embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1, "num_gpus": int(gpu)}
+    )  # no GPU here
+    for device, encode_batch, yielding, block in (
+        ("cpu", 256, True, 256),
+        ("cpu", 16, True, 64),
+        ("cuda", 16, False, 64),
+    ):
         target = embed.Target("text", "minilm-l6", "digest", encode_batch, np.empty(0, dtype="S32"))
-        ds = embed.dataset(inventory, target, Options(device=device), embed.StageSizes(64, 100, actors=1), str(tmp_path / "s"), "job1")
+        ds = embed.dataset(
+            inventory, target, Options(device=device), embed.StageSizes(64, 100, actors=1), str(tmp_path / "s"), "job1"
+        )
         steps = {name.split("[")[0]: op for name, op in plan_steps(ds).items()}
         assert steps["MapBatches(preprocess)"].fn_kwargs["yield_cpu"] is yielding, device
         assert steps["StreamingRepartition"].target_num_rows_per_block == block
@@ -161,4 +185,7 @@ for model, modality, raw in [("shapes-clip", "image", {image.read_bytes()!r}), (
     assert out["error_type"][0] == "", out["error_message"][0]
 print("torch" in sys.modules)
 """
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -25,8 +25,14 @@ def test_directory_listing_routes_by_extension_and_counts_skipped(tmp_path: Path
 
 
 def test_parquet_inventory_infers_modality_from_id(tmp_path: Path):
-    t = pa.table({"id": ["a.png", "b.wav", "c.txt", "d.xyz", "e"], "modality": [None, None, None, None, "text"],
-                  "text": [None, None, "hi", None, "yo"], "data": [b"1", b"2", None, b"3", None]})
+    t = pa.table(
+        {
+            "id": ["a.png", "b.wav", "c.txt", "d.xyz", "e"],
+            "modality": [None, None, None, None, "text"],
+            "text": [None, None, "hi", None, "yo"],
+            "data": [b"1", b"2", None, b"3", None],
+        }
+    )
     pq.write_table(t, tmp_path / "raw.parquet")
     inv = sources.open_input(str(tmp_path / "raw.parquet"), str(tmp_path / "s"))
     assert dict(inv.counts) == {"image": 1, "audio": 1, "text": 2} and inv.skipped == 1
@@ -45,12 +51,20 @@ def test_parquet_errors(tmp_path: Path):
 
 def test_of_modality_then_load_rows_reads_files_hashes_and_keeps_unreadable_rows(tmp_path: Path):
     (tmp_path / "a.txt").write_text("hello")
-    listing = pa.table({"id": ["a.txt", "gone.txt", "x.png"], "uri": [str(tmp_path / "a.txt"), str(tmp_path / "gone.txt"), "x.png"],
-                        "modality": ["text", "text", "image"], "data": pa.nulls(3, pa.binary())})
+    listing = pa.table(
+        {
+            "id": ["a.txt", "gone.txt", "x.png"],
+            "uri": [str(tmp_path / "a.txt"), str(tmp_path / "gone.txt"), "x.png"],
+            "modality": ["text", "text", "image"],
+            "data": pa.nulls(3, pa.binary()),
+        }
+    )
     texts = sources.of_modality(listing, "text")
     assert texts["id"].to_pylist() == ["a.txt", "gone.txt"] and "modality" not in texts.column_names
     assert texts.schema.field("data").type == pa.binary(), "types kept: an all-null column must not turn into floats"
-    assert sources.of_modality(listing.drop_columns(["modality"]), "image")["id"].to_pylist() == ["x.png"], "the extension says"
+    assert sources.of_modality(listing.drop_columns(["modality"]), "image")["id"].to_pylist() == ["x.png"], (
+        "the extension says"
+    )
     batch = {c: np.array(texts[c].to_pylist(), dtype=object) for c in ("id", "uri")}
     out = sources.load_rows(batch, "SRC")
     assert list(out["id"]) == ["a.txt", "gone.txt"]

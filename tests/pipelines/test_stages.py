@@ -22,8 +22,11 @@ def png(colour: tuple[int, int, int]) -> bytes:
 
 def batch() -> dict[str, np.ndarray]:
     data = [png((200, 30, 30)), b"not an image", png((10, 200, 90)), None]
-    return {"id": np.array(["a", "b", "c", "d"]), "data": np.array(data, dtype=object),
-            "read_error": np.array(["", "", "", "cannot read d"])}
+    return {
+        "id": np.array(["a", "b", "c", "d"]),
+        "data": np.array(data, dtype=object),
+        "read_error": np.array(["", "", "", "cannot read d"]),
+    }
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")

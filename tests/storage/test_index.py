@@ -21,7 +21,14 @@ def store(tmp_path, tables, rng):
     ids = [f"doc{i:03d}" for i in range(400)]
     store.commit("job1", [store.write_embeddings("image", "m", tables.embeddings(ids, vectors))])
     vectors[:50] = clustered(rng, 50, 32)
-    store.commit("job2", [store.write_embeddings("image", "m", tables.embeddings(ids[:50], vectors[:50], job="job2", minute=1, version=1))])
+    store.commit(
+        "job2",
+        [
+            store.write_embeddings(
+                "image", "m", tables.embeddings(ids[:50], vectors[:50], job="job2", minute=1, version=1)
+            )
+        ],
+    )
     return store, ids, vectors
 
 
@@ -32,7 +39,9 @@ def files(store):
 def test_a_fresh_index_answers_search_with_the_hnsw_scan(store, rng, monkeypatch):
     store, _ids, vectors = store
     built = build_index(store.root)
-    assert [{k: v for k, v in b.items() if k != "seconds"} for b in built] == [{"modality": "image", "model": "m", "rows": 400, "status": "built"}]
+    assert [{k: v for k, v in b.items() if k != "seconds"} for b in built] == [
+        {"modality": "image", "model": "m", "rows": 400, "status": "built"}
+    ]
     hnsw = index.fresh(store, "image", "m", files(store))
     assert hnsw is not None and hnsw.rows == 400, "the newest row per id only"
     plan = hnsw.con.execute("EXPLAIN " + hnsw.sql(10), [[0.0] * 32]).fetchall()[0][1]

@@ -60,7 +60,11 @@ else:
 def spawn(root: Path, job: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(root), job, *args],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
     )
 
 
@@ -162,7 +166,13 @@ def sleeper():
 
 def write_record(root: Path, pid: int, proc_start: str | None, host: str = socket.gethostname()) -> None:
     """A lock record that no process flocks, so only the pid checks can tell liveness."""
-    record = {"pid": pid, "host": host, "job_id": "manual", "started": "2025-01-01T00:00:00+00:00", "proc_start": proc_start}
+    record = {
+        "pid": pid,
+        "host": host,
+        "job_id": "manual",
+        "started": "2025-01-01T00:00:00+00:00",
+        "proc_start": proc_start,
+    }
     (root / "_lock").write_text(json.dumps(record))
 
 

@@ -7,7 +7,9 @@ from storage.store import Store
 
 def commit(store, job, *shards):
     """Write each (modality, model or None for errors, table) shard and commit them together."""
-    files = [store.write_errors(m, t) if model is None else store.write_embeddings(m, model, t) for m, model, t in shards]
+    files = [
+        store.write_errors(m, t) if model is None else store.write_embeddings(m, model, t) for m, model, t in shards
+    ]
     store.commit(job, files)
 
 
@@ -37,18 +39,27 @@ def mixed(tmp_path, tables, rng):
     store = Store(str(tmp_path))
     vectors = {"img": tables.unit(rng, 8, 6), "clip": tables.unit(rng, 2, 6), "minilm": tables.unit(rng, 3, 4)}
     images = [f"img{i}.png" for i in range(8)]
-    commit(store, "job1",
-           ("image", "clip", tables.embeddings(images[:5], vectors["img"][:5], lang=["en", "de", "en", "fr", "en"])),
-           ("text", "clip", tables.embeddings(["t0", "t1"], vectors["clip"])),
-           ("text", "minilm", tables.embeddings(["t0", "t1", "t2"], vectors["minilm"])))
-    commit(store, "job2", ("image", "clip", tables.embeddings(images[5:], vectors["img"][5:], job="job2", lang=["de", "en", "en"])))
+    commit(
+        store,
+        "job1",
+        ("image", "clip", tables.embeddings(images[:5], vectors["img"][:5], lang=["en", "de", "en", "fr", "en"])),
+        ("text", "clip", tables.embeddings(["t0", "t1"], vectors["clip"])),
+        ("text", "minilm", tables.embeddings(["t0", "t1", "t2"], vectors["minilm"])),
+    )
+    commit(
+        store,
+        "job2",
+        ("image", "clip", tables.embeddings(images[5:], vectors["img"][5:], job="job2", lang=["de", "en", "en"])),
+    )
     return str(tmp_path), images, vectors
 
 
 def test_views_round_trip_values(mixed):
     root, images, vectors = mixed
     con = connect(root)
-    rows = run_readonly(con, "SELECT id, modality, model, dim, embedding, lang, job_id FROM images ORDER BY id").to_pylist()
+    rows = run_readonly(
+        con, "SELECT id, modality, model, dim, embedding, lang, job_id FROM images ORDER BY id"
+    ).to_pylist()
     assert [r["id"] for r in rows] == images
     assert {(r["modality"], r["model"], r["dim"]) for r in rows} == {("image", "clip", 6)}
     np.testing.assert_array_equal(np.array([r["embedding"] for r in rows], np.float32), vectors["img"])
@@ -64,7 +75,9 @@ def test_mixed_dims_share_one_padded_array_type(mixed):
     con = connect(root)
     for view in ("embeddings", "images", "texts", "audio"):
         assert column_types(con, view)["embedding"] == "FLOAT[6]"
-    rows = run_readonly(con, "SELECT id, dim, embedding, embedding[1:dim] AS own FROM texts WHERE model = 'minilm' ORDER BY id").to_pylist()
+    rows = run_readonly(
+        con, "SELECT id, dim, embedding, embedding[1:dim] AS own FROM texts WHERE model = 'minilm' ORDER BY id"
+    ).to_pylist()
     for r, v in zip(rows, vectors["minilm"]):
         assert r["dim"] == 4
         np.testing.assert_array_equal(r["embedding"], [*v, 0.0, 0.0])
@@ -76,8 +89,10 @@ def test_embed_functions_with_mixed_dims(mixed):
     calls = []
     embed = fake_embedder(calls)
     con = connect(root, embedder=embed)
-    sql = ("SELECT id, array_cosine_similarity(embedding, embed_text('clip', 'a red circle')) AS score FROM images "
-           "WHERE model = 'clip' ORDER BY score DESC LIMIT 5")
+    sql = (
+        "SELECT id, array_cosine_similarity(embedding, embed_text('clip', 'a red circle')) AS score FROM images "
+        "WHERE model = 'clip' ORDER BY score DESC LIMIT 5"
+    )
     top = run_readonly(con, sql).to_pylist()
     q = embed("clip", "text", "a red circle")
     expected = sorted(((cosine(v, q), i) for i, v in zip(images, vectors["img"])), reverse=True)[:5]
@@ -85,8 +100,12 @@ def test_embed_functions_with_mixed_dims(mixed):
     assert [r["score"] for r in top] == pytest.approx([s for s, _ in expected], abs=1e-6)
 
     for model, own in (("minilm", vectors["minilm"]), ("clip", vectors["clip"])):
-        rows = run_readonly(con, "SELECT id, array_cosine_similarity(embedding, embed_text(?, ?)) AS score FROM texts "
-                                 "WHERE model = ? ORDER BY id", [model, "hello", model]).to_pylist()
+        rows = run_readonly(
+            con,
+            "SELECT id, array_cosine_similarity(embedding, embed_text(?, ?)) AS score FROM texts "
+            "WHERE model = ? ORDER BY id",
+            [model, "hello", model],
+        ).to_pylist()
         q = embed(model, "text", "hello")
         assert [r["score"] for r in rows] == pytest.approx([cosine(v, q) for v in own], abs=1e-6)
 
@@ -97,7 +116,12 @@ def test_embed_functions_cache_and_pass_modality(mixed):
     con = connect(root, embedder=fake_embedder(calls))
     run_readonly(con, "SELECT array_cosine_similarity(embedding, embed_text(model, 'x')) FROM texts")
     run_readonly(con, "SELECT embed_image('clip', '/q.png'), embed_audio('clip', '/q.wav'), embed_text('clip', 'x')")
-    assert sorted(calls) == [("clip", "audio", "/q.wav"), ("clip", "image", "/q.png"), ("clip", "text", "x"), ("minilm", "text", "x")]
+    assert sorted(calls) == [
+        ("clip", "audio", "/q.wav"),
+        ("clip", "image", "/q.png"),
+        ("clip", "text", "x"),
+        ("minilm", "text", "x"),
+    ]
 
 
 def test_embed_functions_name_the_problem(mixed):
@@ -112,14 +136,24 @@ def test_embed_functions_name_the_problem(mixed):
 def test_newest_row_per_id_and_model(tmp_path, tables, rng):
     store = Store(str(tmp_path))
     old, new, other = tables.unit(rng, 3, 4)
-    commit(store, "job1", ("image", "a", tables.embeddings(["x", "y"], [old, old], minute=1)),
-           ("image", "b", tables.embeddings(["x"], [other], minute=1)))
+    commit(
+        store,
+        "job1",
+        ("image", "a", tables.embeddings(["x", "y"], [old, old], minute=1)),
+        ("image", "b", tables.embeddings(["x"], [other], minute=1)),
+    )
     commit(store, "job2", ("image", "a", tables.embeddings(["x"], [new], job="job2", minute=2, version=1)))
     commit(store, "job3", ("image", "a", tables.embeddings(["x"], [old], job="job3", minute=2, source="elsewhere")))
-    rows = run_readonly(connect(str(tmp_path)), "SELECT source, id, model, job_id, content_hash, embedding FROM images "
-                                                "ORDER BY source, id, model").to_pylist()
+    rows = run_readonly(
+        connect(str(tmp_path)),
+        "SELECT source, id, model, job_id, content_hash, embedding FROM images ORDER BY source, id, model",
+    ).to_pylist()
     assert [(r["source"], r["id"], r["model"], r["job_id"]) for r in rows] == [
-        ("elsewhere", "x", "a", "job3"), ("src", "x", "a", "job2"), ("src", "x", "b", "job1"), ("src", "y", "a", "job1")]
+        ("elsewhere", "x", "a", "job3"),
+        ("src", "x", "a", "job2"),
+        ("src", "x", "b", "job1"),
+        ("src", "y", "a", "job1"),
+    ]
     assert rows[1]["content_hash"] == tables.content_hash("x", version=1)
     np.testing.assert_array_equal(rows[1]["embedding"], new)
     np.testing.assert_array_equal(rows[2]["embedding"], other)
@@ -138,24 +172,48 @@ def test_only_committed_files_are_visible(tmp_path, tables, rng):
 
 def test_errors_view(tmp_path, tables, rng):
     store = Store(str(tmp_path))
-    commit(store, "job1", ("image", None, tables.errors(["bad.png", "fixed.png"], minute=1)),
-           ("audio", None, tables.errors(["bad.wav"], minute=1, model="w")))
-    commit(store, "job2", ("image", None, tables.errors(["bad.png"], job="job2", minute=2)),
-           ("image", "m", tables.embeddings(["fixed.png"], tables.unit(rng, 1, 4), job="job2", minute=2, version=1)),
-           ("image", "other", tables.embeddings(["bad.png"], tables.unit(rng, 1, 4), job="job2", minute=3)))
-    rows = run_readonly(connect(str(tmp_path)), "SELECT modality, id, model, job_id, stage FROM errors ORDER BY id").to_pylist()
+    commit(
+        store,
+        "job1",
+        ("image", None, tables.errors(["bad.png", "fixed.png"], minute=1)),
+        ("audio", None, tables.errors(["bad.wav"], minute=1, model="w")),
+    )
+    commit(
+        store,
+        "job2",
+        ("image", None, tables.errors(["bad.png"], job="job2", minute=2)),
+        ("image", "m", tables.embeddings(["fixed.png"], tables.unit(rng, 1, 4), job="job2", minute=2, version=1)),
+        ("image", "other", tables.embeddings(["bad.png"], tables.unit(rng, 1, 4), job="job2", minute=3)),
+    )
+    rows = run_readonly(
+        connect(str(tmp_path)), "SELECT modality, id, model, job_id, stage FROM errors ORDER BY id"
+    ).to_pylist()
     # bad.png: the newest of its two errors; fixed.png: superseded by its later embedding; an embedding by another model changes nothing
-    assert rows == [{"modality": "image", "id": "bad.png", "model": "m", "job_id": "job2", "stage": "preprocess"},
-                    {"modality": "audio", "id": "bad.wav", "model": "w", "job_id": "job1", "stage": "preprocess"}]
+    assert rows == [
+        {"modality": "image", "id": "bad.png", "model": "m", "job_id": "job2", "stage": "preprocess"},
+        {"modality": "audio", "id": "bad.wav", "model": "w", "job_id": "job1", "stage": "preprocess"},
+    ]
 
 
 def test_jobs_view(tmp_path):
     store = Store(str(tmp_path))
-    store.write_job({"job_id": "j2", "started_at": "2025-01-02T00:00:00+00:00", "status": "ok", "counts": {"image/m": {"embedded": 3}}})
+    store.write_job(
+        {
+            "job_id": "j2",
+            "started_at": "2025-01-02T00:00:00+00:00",
+            "status": "ok",
+            "counts": {"image/m": {"embedded": 3}},
+        }
+    )
     store.write_job({"job_id": "j1", "started_at": "2025-01-01T00:00:00+00:00", "status": "failed", "error": "boom"})
     con = connect(str(tmp_path))
-    rows = run_readonly(con, "SELECT job_id, status, error, counts->>'$.\"image/m\".embedded' AS n FROM jobs ORDER BY started_at").to_pylist()
-    assert rows == [{"job_id": "j1", "status": "failed", "error": "boom", "n": None}, {"job_id": "j2", "status": "ok", "error": None, "n": "3"}]
+    rows = run_readonly(
+        con, "SELECT job_id, status, error, counts->>'$.\"image/m\".embedded' AS n FROM jobs ORDER BY started_at"
+    ).to_pylist()
+    assert rows == [
+        {"job_id": "j1", "status": "failed", "error": "boom", "n": None},
+        {"job_id": "j2", "status": "ok", "error": None, "n": "3"},
+    ]
 
 
 def test_empty_store_gives_empty_views(tmp_path):
@@ -164,7 +222,9 @@ def test_empty_store_gives_empty_views(tmp_path):
         assert run_readonly(con, f"SELECT count(*) AS n FROM {view}").to_pylist() == [{"n": 0}], view
     assert {"id", "embedding", "modality", "model", "dim"} <= set(column_types(con, "images"))
     assert {"id", "stage", "modality"} <= set(column_types(con, "errors"))
-    assert run_readonly(con, "SELECT array_cosine_similarity(embedding, embed_text('m', 'x')) FROM images").num_rows == 0
+    assert (
+        run_readonly(con, "SELECT array_cosine_similarity(embedding, embed_text('m', 'x')) FROM images").num_rows == 0
+    )
     with pytest.raises(QueryError, match="model 'm' has no embeddings"):
         run_readonly(con, "SELECT embed_text('m', 'x')")
 
@@ -174,33 +234,39 @@ def test_missing_root_is_a_clear_error(tmp_path):
         connect(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT 1 AS a",
-    "WITH t AS (SELECT 1 AS a) SELECT * FROM t",
-    "DESCRIBE images",
-    "SHOW TABLES",
-    "EXPLAIN SELECT * FROM images",
-    "EXPLAIN ANALYZE SELECT 1",
-    "SUMMARIZE SELECT 1 AS a",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1 AS a",
+        "WITH t AS (SELECT 1 AS a) SELECT * FROM t",
+        "DESCRIBE images",
+        "SHOW TABLES",
+        "EXPLAIN SELECT * FROM images",
+        "EXPLAIN ANALYZE SELECT 1",
+        "SUMMARIZE SELECT 1 AS a",
+    ],
+)
 def test_run_readonly_accepts_reads(tmp_path, sql):
     assert run_readonly(connect(str(tmp_path)), sql).num_rows >= 1
 
 
-@pytest.mark.parametrize("sql", [
-    "INSERT INTO t VALUES (1)",
-    "COPY (SELECT 1) TO '{out}'",
-    "CREATE TABLE t2 AS SELECT 1",
-    "CREATE VIEW v AS SELECT 1",
-    "ATTACH '{out}' AS other",
-    "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
-    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'",
-    "DROP VIEW images",
-    "SET threads = 1",
-    "SELECT 1; INSERT INTO t VALUES (1)",
-    "INSTALL vss",
-    "CALL pragma_version()",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO t VALUES (1)",
+        "COPY (SELECT 1) TO '{out}'",
+        "CREATE TABLE t2 AS SELECT 1",
+        "CREATE VIEW v AS SELECT 1",
+        "ATTACH '{out}' AS other",
+        "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+        "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'",
+        "DROP VIEW images",
+        "SET threads = 1",
+        "SELECT 1; INSERT INTO t VALUES (1)",
+        "INSTALL vss",
+        "CALL pragma_version()",
+    ],
+)
 def test_run_readonly_refuses_everything_else(tmp_path, sql):
     con = connect(str(tmp_path))
     con.execute("CREATE TABLE t (a INTEGER)")

@@ -15,7 +15,18 @@ def test_embedding_schema_columns_then_passthrough():
 
 
 def test_error_schema_columns():
-    assert ERROR_SCHEMA.names == ["id", "uri", "source", "content_hash", "model", "stage", "error_type", "message", "job_id", "created_at"]
+    assert ERROR_SCHEMA.names == [
+        "id",
+        "uri",
+        "source",
+        "content_hash",
+        "model",
+        "stage",
+        "error_type",
+        "message",
+        "job_id",
+        "created_at",
+    ]
 
 
 @pytest.mark.parametrize("name", ["id", "embedding", "modality", "model"])

@@ -18,8 +18,12 @@ def store(tmp_path, tables, rng):
     vectors = tables.unit(rng, 300, 16) * rng.uniform(0.5, 2, (300, 1)).astype(np.float32)  # not all unit length
     ids = [f"doc{i:03d}" for i in range(300)]
     langs = [["en", "de", "fr"][i % 3] for i in range(300)]
-    shards = [store.write_embeddings("text", "m", tables.embeddings(ids[a:b], vectors[a:b], lang=langs[a:b], rank=list(range(a, b))))
-              for a, b in ((0, 100), (100, 250), (250, 300))]
+    shards = [
+        store.write_embeddings(
+            "text", "m", tables.embeddings(ids[a:b], vectors[a:b], lang=langs[a:b], rank=list(range(a, b)))
+        )
+        for a, b in ((0, 100), (100, 250), (250, 300))
+    ]
     store.commit("job1", shards[:2])
     store.commit("job1", shards[2:])
     return store, ids, vectors, langs
@@ -87,7 +91,9 @@ def test_a_new_commit_invalidates_the_cache(store, tables, rng):
     assert search(store.root, query, "text", "m", k=1)["id"].to_pylist() == ["doc007"]
     newer = tables.unit(rng, 2, 16)
     newer[1] = query  # a new row identical to the query
-    rel = store.write_embeddings("text", "m", tables.embeddings(["doc007", "new"], newer, job="job2", minute=5, version=1))
+    rel = store.write_embeddings(
+        "text", "m", tables.embeddings(["doc007", "new"], newer, job="job2", minute=5, version=1)
+    )
     assert search(store.root, query, "text", "m", k=1)["id"].to_pylist() == ["doc007"], "uncommitted rows are invisible"
     store.commit("job2", [rel])
     got = search(store.root, query, "text", "m", k=2)

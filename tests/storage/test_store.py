@@ -117,11 +117,19 @@ def test_done_keys(tmp_path, tables, rng):
     committed = store.write_embeddings("image", "clip", tables.embeddings(["a", "b"], tables.unit(rng, 2, 4)))
     other_model = store.write_embeddings("image", "vit", tables.embeddings(["c"], tables.unit(rng, 1, 4)))
     store.commit("job1", [committed, other_model])
-    store.write_embeddings("image", "clip", tables.embeddings(["d"], tables.unit(rng, 1, 4), job="job2"))  # never committed
+    store.write_embeddings(
+        "image", "clip", tables.embeddings(["d"], tables.unit(rng, 1, 4), job="job2")
+    )  # never committed
     query = [h("a"), h("c"), h("d"), h("b"), h("a", version=1)]
     assert store.done_keys("clip", query).tolist() == [True, False, False, True, False]
     assert store.done_keys("clip", pa.array(query)).tolist() == [True, False, False, True, False]
-    assert store.done_keys("vit", pa.chunked_array([query[:2], query[2:]])).tolist() == [False, True, False, False, False]
+    assert store.done_keys("vit", pa.chunked_array([query[:2], query[2:]])).tolist() == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert store.done_keys("nobody", query).tolist() == [False] * 5
     assert store.done_keys("clip", []).tolist() == []
 
