@@ -254,7 +254,7 @@ def _hf_tensors(src: Path, select: Callable[[str], bool]) -> dict[str, Tensor]:
     for shard in shards:
         try:
             with safe_open(src / shard, framework="pt") as f:
-                tensors |= {k: f.get_tensor(k) for k in f if select(k)}
+                tensors |= {k: f.get_tensor(k) for k in f.keys() if select(k)}  # noqa: SIM118 (safe_open is not iterable)
         except Exception as e:
             raise ConversionError(f"cannot read {src / shard}: {e}") from None
     return tensors
