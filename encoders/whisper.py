@@ -13,7 +13,8 @@ import math
 import re
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,11 @@ from torch import Tensor, nn
 
 from . import audio
 from .block import Block, LayerNorm
+from .decoding import SpecialTokens
 from .errors import AudioValidationError, ConversionError, ModelLoadError
 from .model import MODALITIES, Encoder, Item, Options
 from .store import StoredModel, load_state
+from .whisper_decoder import DECODER, DECODER_CONFIG, TOKENS_CONFIG, DecoderDims, TextDecoder, ct2_decoder, hf_decoder
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class WhisperEncoder(Encoder):
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
-        self.dims = WhisperDims(**stored.config)
+        self.dims = WhisperDims(**encoder_config(stored.config))
         if stored.preprocess != audio.settings(self.dims.n_mels):
             raise ModelLoadError(
                 f"model {name!r}: feature settings {stored.preprocess} differ from Whisper's {audio.settings(self.dims.n_mels)}"
@@ -84,12 +87,28 @@ class WhisperEncoder(Encoder):
 
     def build(self, stored: StoredModel) -> nn.Module:
         model = AudioEncoder(self.dims)
-        load_state(model, stored, self.name)
+        encoder = {k: v for k, v in stored.tensors.items() if not k.startswith(DECODER)}
+        load_state(model, replace(stored, tensors=encoder), self.name)
         return model.to(self.options.torch_device, self.options.torch_dtype).eval()
 
     @property
     def dim(self) -> int:
         return self.dims.width
+
+    # -- transcription (encoders.transcribe): the decoder is built on first use, so embedding never reads it --
+
+    @cached_property
+    def decoder(self) -> TextDecoder:
+        if DECODER_CONFIG not in self.config:
+            raise ModelLoadError(f"model {self.name!r} holds Whisper's encoder alone: it cannot transcribe")
+        model = TextDecoder(DecoderDims(**self.config[DECODER_CONFIG]))
+        tensors = {k.removeprefix(DECODER): v for k, v in self.stored.tensors.items() if k.startswith(DECODER)}
+        load_state(model, replace(self.stored, tensors=tensors), self.name)
+        return model.to(self.options.torch_device, self.options.torch_dtype).eval()
+
+    @cached_property
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens.from_config(self.config[TOKENS_CONFIG])
 
     def _check(self, item: Item) -> np.ndarray:
         if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[0] != self.dims.n_mels:
@@ -227,6 +246,20 @@ def _stored(dims: WhisperDims, tensors: dict[str, Tensor]) -> StoredModel:
     return StoredModel("whisper", asdict(dims), tensors, audio.settings(dims.n_mels))
 
 
+def _with_decoder(stored: StoredModel, decoder: StoredModel) -> StoredModel:
+    return replace(
+        stored,
+        config=stored.config | decoder.config,
+        tensors=stored.tensors | decoder.tensors,
+        tokenizer=decoder.tokenizer,
+    )
+
+
+def encoder_config(config: dict) -> dict:
+    """A store's config -> the encoder's dims alone (a store with a decoder adds its dims and tokens)."""
+    return {k: v for k, v in config.items() if k not in (DECODER_CONFIG, TOKENS_CONFIG)}
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -261,7 +294,8 @@ def _hf_tensors(src: Path, select: Callable[[str], bool]) -> dict[str, Tensor]:
 
 
 def convert_hf(src: Path) -> StoredModel:
-    """A Hugging Face Whisper checkpoint directory -> its encoder as a weight store."""
+    """A Hugging Face Whisper checkpoint directory -> its encoder as a weight store, with the decoder for a
+    WhisperForConditionalGeneration."""
     config = _read_json(src / "config.json")
     if config.get("activation_function", "gelu") != "gelu":
         raise ConversionError(f"{src}: activation {config['activation_function']!r} is not Whisper's gelu")
@@ -287,7 +321,12 @@ def convert_hf(src: Path) -> StoredModel:
     found = _hf_tensors(src, lambda k: k.startswith(("model.encoder.", "encoder.")))
     prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in found) else "encoder."
     tensors = {k.removeprefix(prefix): v for k, v in found.items() if k.startswith(prefix)}
-    return _stored(dims, _remap(src, dims, _hf_table(dims.layers), tensors))
+    stored = _stored(dims, _remap(src, dims, _hf_table(dims.layers), tensors))
+    # A bare WhisperModel (an encoder for embeddings) converts as the encoder alone; the ASR model adds its decoder.
+    if "WhisperForConditionalGeneration" in (config.get("architectures") or []):
+        found = _hf_tensors(src, lambda k: k.startswith("model.decoder.") or k == "proj_out.weight")
+        return _with_decoder(stored, hf_decoder(src, config, found, dims.width))
+    return stored
 
 
 # CTranslate2 model.bin: version, spec name, revision, then (name, shape, dtype, bytes) per
@@ -358,7 +397,7 @@ def _dequantize(variables: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def convert_ct2(src: Path) -> StoredModel:
-    """A CTranslate2 Whisper directory (model.bin) -> its encoder as a weight store."""
+    """A CTranslate2 Whisper directory (model.bin, config.json, vocabulary, tokenizer.json) -> a weight store."""
     variables = read_ct2(src / "model.bin", lambda name: name.startswith("encoder/"))
     tensors = _dequantize({k.removeprefix("encoder/"): v for k, v in variables.items()})
     try:
@@ -374,4 +413,6 @@ def convert_ct2(src: Path) -> StoredModel:
         )
     except KeyError as e:
         raise ConversionError(f"{src / 'model.bin'}: no encoder/{e.args[0]}") from None
-    return _stored(dims, _remap(src, dims, _ct2_table(dims.layers), tensors))
+    stored = _stored(dims, _remap(src, dims, _ct2_table(dims.layers), tensors))
+    decoder = _dequantize(read_ct2(src / "model.bin", lambda name: name.startswith("decoder/")))
+    return _with_decoder(stored, ct2_decoder(src, decoder, dims.width))

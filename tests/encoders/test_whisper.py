@@ -123,7 +123,7 @@ def test_padded_parity_with_transformers(hf, hf_stored):
 
 
 def test_bundled_tiny_en_matches_ctranslate2(tiny_en):
-    assert WhisperDims(**tiny_en.config) == WhisperDims(
+    assert WhisperDims(**whisper.encoder_config(tiny_en.config)) == WhisperDims(
         n_mels=80, n_ctx=1500, width=384, heads=6, layers=4, hidden=1536
     )
     enc = encoder(tiny_en, audio_mode="padded")
