@@ -10,10 +10,12 @@ decoder was trained on 30 s windows):
   CTranslate2's `generate`); with `timestamps`, or when it is longer, windows are decoded with timestamp tokens and
   split into segments, and the next window starts at the last complete segment's end (whisper.transcribe's
   seeking), so a word cut by a window's edge is decoded whole in the next one;
-- a window is skipped as silence, as whisper.transcribe does (no_speech_threshold 0.6, logprob_threshold -1):
-  when P(<|nospeech|>) > `NO_SPEECH_THRESHOLD` and the average log-probability is at most `LOGPROB_THRESHOLD`.
-  A window whose decoding looped (the repetition guard of `encoders.decoding`) is skipped on P(<|nospeech|>) >
-  `NO_SPEECH_THRESHOLD` alone, as a loop is confident; one that looped on speech keeps the loop's first copy;
+- a window is skipped as silence when P(<|nospeech|>) > `NO_SPEECH_THRESHOLD` (0.6) and the decoder is unsure
+  too: its average log-probability is at most `LOGPROB_THRESHOLD` (-1), whisper.transcribe's rule. Two additions
+  (ours): a window whose decoding looped (the repetition guard of `encoders.decoding`) is not taken as sure, and
+  above `NO_SPEECH_CERTAIN` (0.9) the window is silence whatever the log-probability, as tiny.en writes a
+  confident " you" on digital silence and faint noise (P(<|nospeech|>) 0.95, log-probability -0.4 to -0.9;
+  espeak-ng speech windows stayed below 0.7, noise and silence above 0.86). A loop on speech keeps its first copy;
 - segments of zero length or blank text are dropped (openai's and faster-whisper's rule); the transcript's text
   is its segments' texts joined, stripped.
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 NO_SPEECH_THRESHOLD = 0.6  # whisper.transcribe's no_speech_threshold
 LOGPROB_THRESHOLD = -1.0  # whisper.transcribe's logprob_threshold
+NO_SPEECH_CERTAIN = 0.9  # silence whatever the log-probability (ours)
 WINDOWS_PER_PASS = 16  # windows encoded and decoded together (a tiny.en window's cross-attention cache: 18 MB)
 FRAME = audio.HOP_LENGTH / audio.SAMPLE_RATE  # s per mel frame
 STRIDE = 2  # mel frames per encoder position, and per timestamp step of TIME_PRECISION
@@ -141,7 +144,8 @@ def _advance(clip: _Clip, decoded: Decoded, size: int, special: SpecialTokens, t
     `_split_segments_by_timestamps`)."""
     start, tokens, begin = clip.seek, decoded.tokens, special.timestamp_begin
     offset, clip.seek = start * FRAME, start + size
-    if decoded.no_speech_prob > NO_SPEECH_THRESHOLD and (decoded.looped or decoded.avg_logprob <= LOGPROB_THRESHOLD):
+    unsure = decoded.avg_logprob <= LOGPROB_THRESHOLD or decoded.looped or decoded.no_speech_prob > NO_SPEECH_CERTAIN
+    if decoded.no_speech_prob > NO_SPEECH_THRESHOLD and unsure:
         return
     segments = []  # (start s, end s, tokens)
     pairs = [i for i in range(1, len(tokens)) if tokens[i] >= begin and tokens[i - 1] >= begin]

@@ -99,8 +99,7 @@ class WhisperEncoder(Encoder):
 
     @cached_property
     def decoder(self) -> TextDecoder:
-        if DECODER_CONFIG not in self.config:
-            raise ModelLoadError(f"model {self.name!r} holds Whisper's encoder alone: it cannot transcribe")
+        self._need_decoder()
         model = TextDecoder(DecoderDims(**self.config[DECODER_CONFIG]))
         tensors = {k.removeprefix(DECODER): v for k, v in self.stored.tensors.items() if k.startswith(DECODER)}
         load_state(model, replace(self.stored, tensors=tensors), self.name)
@@ -108,7 +107,12 @@ class WhisperEncoder(Encoder):
 
     @cached_property
     def special_tokens(self) -> SpecialTokens:
+        self._need_decoder()
         return SpecialTokens.from_config(self.config[TOKENS_CONFIG])
+
+    def _need_decoder(self) -> None:
+        if DECODER_CONFIG not in self.config:
+            raise ModelLoadError(f"model {self.name!r} holds Whisper's encoder alone: it cannot transcribe")
 
     def _check(self, item: Item) -> np.ndarray:
         if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[0] != self.dims.n_mels:
