@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .errors import ModelLoadError
+
 if TYPE_CHECKING:
     from .whisper_decoder import TextDecoder
 
@@ -73,7 +75,7 @@ class SpecialTokens:
         prompt = [self.sot]
         if self.languages:
             if language not in self.languages:
-                raise ValueError(f"language {language!r} is not one of the model's {', '.join(self.languages)}")
+                raise ModelLoadError(f"language {language!r} is not one of the model's: {', '.join(self.languages)}")
             prompt += [self.languages[language], self.transcribe]
         return prompt if timestamps else [*prompt, self.no_timestamps]
 
@@ -81,7 +83,7 @@ class SpecialTokens:
 @dataclass(frozen=True)
 class Decoded:
     tokens: list[int]  # the sampled tokens, without the prompt and the end-of-text
-    avg_logprob: float  # the sampled tokens' summed log-probability (end-of-text included) / (len(tokens) + 1)
+    avg_logprob: float  # the tokens' summed log-probability (with end-of-text's, if sampled) / (len(tokens) + 1)
     no_speech_prob: float  # P(<|nospeech|>) at the start-of-transcript position, before any filter
     looped: bool  # ended by the repetition guard
 
@@ -132,7 +134,8 @@ def greedy(
 
     rules = _Rules(special, timestamps, logits.shape[-1], device)
     sequences: list[list[int]] = [[] for _ in range(batch)]
-    sum_logprobs, looped = [0.0] * batch, [False] * batch
+    logprobs_of: list[list[float]] = [[] for _ in range(batch)]  # each sampled token's, end-of-text included
+    looped = [False] * batch
     active = list(range(batch))  # rows still decoding
     held = list(range(batch))  # the rows the cache holds, in its order (active ones and finished ones)
     for step in range(sample_len):
@@ -141,12 +144,12 @@ def greedy(
         chosen = logprobs.gather(1, best[:, None])[:, 0].tolist()
         still = []
         for row, token, logprob in zip(active, best.tolist(), chosen):
-            sum_logprobs[row] += logprob
+            logprobs_of[row].append(logprob)
             if token == special.eot:
                 continue
             sequences[row].append(token)
             if (cut := _loop_start(sequences[row], special.eot)) is not None:
-                sequences[row], looped[row] = sequences[row][:cut], True
+                sequences[row], logprobs_of[row], looped[row] = sequences[row][:cut], logprobs_of[row][:cut], True
             else:
                 still.append((row, token))
         active = [row for row, _ in still]
@@ -160,8 +163,8 @@ def greedy(
         hidden = decoder(tokens, cache, len(prompt) + step)
         logits = decoder.logits(hidden[[held.index(r) for r in active], 0])
     return [
-        Decoded(seq, total / (len(seq) + 1), p, loop)
-        for seq, total, p, loop in zip(sequences, sum_logprobs, no_speech, looped)
+        Decoded(seq, sum(lp) / (len(seq) + 1), p, loop)
+        for seq, lp, p, loop in zip(sequences, logprobs_of, no_speech, looped)
     ]
 
 

@@ -99,6 +99,11 @@ class _Clip:
         return window, size
 
 
+def preprocess(raw: bytes, n_mels: int) -> np.ndarray:
+    """Audio file bytes -> the features `transcribe_features` takes (a CPU task's work; no torch)."""
+    return features(audio.decode(bytes(raw)), n_mels)
+
+
 def transcribe(
     encoder: WhisperEncoder, clips: Sequence[bytes], timestamps: bool = False, language: str | None = None
 ) -> list[Transcript]:
@@ -107,18 +112,22 @@ def transcribe(
     language: a multilingual model's language code for every clip; None detects each clip's from its first
     window. An English-only model takes none.
     """
+    return transcribe_features(encoder, [preprocess(c, encoder.dims.n_mels) for c in clips], timestamps, language)
+
+
+def transcribe_features(
+    encoder: WhisperEncoder, mels: Sequence[np.ndarray], timestamps: bool = False, language: str | None = None
+) -> list[Transcript]:
+    """`transcribe` on clips already through `preprocess`."""
     special, tokenizer = encoder.special_tokens, _tokenizer(encoder)
     if language is not None and not special.languages:
-        raise ValueError(f"model {encoder.name!r} is English-only: it takes no language")
-    states = []
-    for raw in clips:
-        mel = features(audio.decode(bytes(raw)), encoder.dims.n_mels)
-        states.append(_Clip(mel, timestamps or mel.shape[1] - 1 > audio.N_FRAMES, language))
+        raise ModelLoadError(f"model {encoder.name!r} is English-only: it takes no language")
+    clips = [_Clip(mel, timestamps or mel.shape[1] - 1 > audio.N_FRAMES, language) for mel in mels]
     with torch.inference_mode():
-        while pending := [c for c in states if c.seek < c.frames]:
+        while pending := [c for c in clips if c.seek < c.frames]:
             for start in range(0, len(pending), WINDOWS_PER_PASS):
                 _step(encoder, pending[start : start + WINDOWS_PER_PASS], tokenizer)
-    return [Transcript("".join(s.text for s in c.segments).strip(), c.segments if timestamps else []) for c in states]
+    return [Transcript("".join(s.text for s in c.segments).strip(), c.segments if timestamps else []) for c in clips]
 
 
 def _step(encoder: WhisperEncoder, clips: list[_Clip], tokenizer: Tokenizer) -> None:

@@ -100,9 +100,10 @@ class WhisperEncoder(Encoder):
     @cached_property
     def decoder(self) -> TextDecoder:
         self._need_decoder()
-        model = TextDecoder(DecoderDims(**self.config[DECODER_CONFIG]))
+        with torch.device("meta"):  # the stored tensors become its weights: no random init to overwrite
+            model = TextDecoder(DecoderDims(**self.config[DECODER_CONFIG]))
         tensors = {k.removeprefix(DECODER): v for k, v in self.stored.tensors.items() if k.startswith(DECODER)}
-        load_state(model, replace(self.stored, tensors=tensors), self.name)
+        load_state(model, replace(self.stored, tensors=tensors), self.name, assign=True)
         return model.to(self.options.torch_device, self.options.torch_dtype).eval()
 
     @cached_property
