@@ -11,11 +11,11 @@ decoder was trained on 30 s windows):
   split into segments, and the next window starts at the last complete segment's end (whisper.transcribe's
   seeking), so a word cut by a window's edge is decoded whole in the next one;
 - a window is skipped as silence when P(<|nospeech|>) > `NO_SPEECH_THRESHOLD` (0.6) and the decoder is unsure
-  too: its average log-probability is at most `LOGPROB_THRESHOLD` (-1), whisper.transcribe's rule. Two additions
-  (ours): a window whose decoding looped (the repetition guard of `encoders.decoding`) is not taken as sure, and
-  above `NO_SPEECH_CERTAIN` (0.9) the window is silence whatever the log-probability, as tiny.en writes a
-  confident " you" on digital silence and faint noise (P(<|nospeech|>) 0.95, log-probability -0.4 to -0.9;
-  espeak-ng speech windows stayed below 0.7, noise and silence above 0.86). A loop on speech keeps its first copy;
+  too: its average log-probability is at most `LOGPROB_THRESHOLD` (-1), whisper.transcribe's rule; and (ours)
+  whatever the log-probability above `NO_SPEECH_CERTAIN` (0.9), as tiny.en writes a confident " you" on digital
+  silence and faint noise (P(<|nospeech|>) 0.95, log-probability -0.4 to -0.9). espeak-ng speech windows stayed
+  below 0.77, noise and silence above 0.86. A window that looped (the repetition guard of `encoders.decoding`)
+  keeps its loop's first copy;
 - segments of zero length or blank text are dropped (openai's and faster-whisper's rule); the transcript's text
   is its segments' texts joined, stripped.
 
@@ -153,7 +153,7 @@ def _advance(clip: _Clip, decoded: Decoded, size: int, special: SpecialTokens, t
     `_split_segments_by_timestamps`)."""
     start, tokens, begin = clip.seek, decoded.tokens, special.timestamp_begin
     offset, clip.seek = start * FRAME, start + size
-    unsure = decoded.avg_logprob <= LOGPROB_THRESHOLD or decoded.looped or decoded.no_speech_prob > NO_SPEECH_CERTAIN
+    unsure = decoded.avg_logprob <= LOGPROB_THRESHOLD or decoded.no_speech_prob > NO_SPEECH_CERTAIN
     if decoded.no_speech_prob > NO_SPEECH_THRESHOLD and unsure:
         return
     segments = []  # (start s, end s, tokens)

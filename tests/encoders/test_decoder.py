@@ -126,11 +126,12 @@ def test_silence_and_noise_give_empty_transcripts(tiny_en):
 
 def test_repetition_guard_cuts_a_loop_to_its_first_copy():
     phrase, eot, ts = [5, 6, 7, 8, 9, 10, 11, 12], 100, 150
-    assert decoding._loop_start([1, 2] + phrase * 3, eot) == 2 + 8
-    assert decoding._loop_start([ts, *phrase, ts, ts, *phrase, ts, ts, *phrase], eot) == 1 + 8 + 2  # timestamps aside
-    assert decoding._loop_start([3] * 24, eot) == 1
-    assert decoding._loop_start([3] * 23, eot) is None  # "no, no, no" is speech
-    assert decoding._loop_start([1, 2] + phrase * 2 + phrase[:7], eot) is None
+    assert decoding._loop_start([1, 2] + phrase * 4, eot) == 2 + 8
+    assert decoding._loop_start([ts, *phrase, ts, ts, *phrase, ts, ts, *phrase, ts, ts, *phrase], eot) == 1 + 8 + 2
+    assert decoding._loop_start([3] * 32, eot) == 1
+    assert decoding._loop_start([3] * 31, eot) is None  # "no, no, no" is speech
+    assert decoding._loop_start([1, 2] + phrase * 3, eot) is None  # so is a sentence said three times
+    assert decoding._loop_start([1, 2] + phrase * 3 + phrase[:7], eot) is None
 
 
 def hf_whisper(multilingual: bool, seed: int) -> WhisperForConditionalGeneration:
