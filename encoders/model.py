@@ -112,9 +112,9 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
-        from .block import cpu_computes
+        from .onednn import computes
 
-        if self.options.torch_device.type == "cpu" and not cpu_computes(self.options.torch_dtype):
+        if self.options.torch_device.type == "cpu" and not computes(self.options.torch_dtype):
             log.warning(
                 f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
                 "expect it several times slower than float32"
