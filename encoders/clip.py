@@ -139,6 +139,13 @@ class CLIP(nn.Module):
         return self.logit_scale.exp() * images @ texts.t()
 
 
+def softmax_scores(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
+    """cosines (..., n_labels) -> the probability of each label, the labels competing (each row sums to 1)."""
+    logits = logit_scale * np.asarray(cosines, dtype=np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast for reduced-precision compute; LayerNorm computes in fp32, so its parameters stay fp32 and exact."""
     model.to(dtype)
@@ -175,7 +182,11 @@ class ClipEncoder(Encoder):
     @property
     def logit_scale(self) -> float:
         """What CLIP multiplies cosine similarities by before its zero-shot softmax."""
-        return float(self.model.logit_scale.float().exp())
+        return float(self.stored.tensors["logit_scale"].float().exp())
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot: a softmax over the labels (the last axis) of logit_scale · cos."""
+        return softmax_scores(cosines, self.logit_scale)
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)
@@ -404,7 +415,9 @@ def export_hf(stored: StoredModel, dest: Path) -> Path:
         image_std=p["std"],
     )
     tokenizer_config = dict(
-        tokenizer_class="CLIPTokenizer",
+        # the tokenizer.json as it is: transformers' CLIPTokenizer would rebuild CLIP's BPE pipeline around its
+        # vocabulary, mis-tokenising any other tokenizer (the word-level one of shapes-clip)
+        tokenizer_class="PreTrainedTokenizerFast",
         model_max_length=dims.context_length,
         bos_token=BOS,
         eos_token=EOS,

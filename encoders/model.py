@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 AUDIO_MODES = ("trimmed", "padded")
-MODALITIES = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}  # what each model kind embeds
+# what each model kind embeds
+MODALITIES = {"clip": ("image", "text"), "siglip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ class Encoder(ABC):
 
     def preprocess(self, modality: str, raw: bytes | str) -> Item:
         return self.inputs(modality, raw)
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot classification: cosines (..., n_labels) of items with each label's text embedding -> the
+        probabilities the model was trained to give (CLIP: a softmax over the labels; SigLIP: a sigmoid per label)."""
+        raise ModelLoadError(f"model {self.name!r} ({self.kind}) has no zero-shot scores: it was not trained for them")
 
     @abstractmethod
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:

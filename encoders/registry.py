@@ -13,6 +13,7 @@ from .model import MODALITIES, Encoder, Inputs, Options
 
 ENCODER_CLASSES = {
     "clip": "encoders.clip:ClipEncoder",
+    "siglip": "encoders.siglip:SiglipEncoder",
     "whisper": "encoders.whisper:WhisperEncoder",
     "bert": "encoders.bert:BertEncoder",
 }
