@@ -142,7 +142,9 @@ def dims_from_openclip(model_cfg: dict) -> CLIPDims:
     _refuse(text_cfg, UNSUPPORTED_TEXT, "text_cfg")
     vision, text = VISION_DEFAULTS | vision_cfg, TEXT_DEFAULTS | text_cfg
     if not isinstance(vision["layers"], int):
-        raise ConversionError("OpenCLIP vision_cfg needs a ModifiedResNet image tower (layers is a list), not supported")
+        raise ConversionError(
+            "OpenCLIP vision_cfg needs a ModifiedResNet image tower (layers is a list), not supported"
+        )
     if text["pool_type"] not in POOLING:
         raise ConversionError(f"OpenCLIP text pool_type {text['pool_type']!r} is not supported (only argmax, eos)")
     if text["vocab_size"] != 49408:

@@ -278,7 +278,10 @@ def _with_specials(tokenizer: Tokenizer, config: dict, defaults: dict) -> Tokeni
     post-processor from them (SigLIP 2: no BOS, EOS added)."""
     if "add_bos_token" not in config and "add_eos_token" not in config:
         return tokenizer
-    ends = [(config.get(f"add_{k}_token", False), _token(config, f"{k}_token", defaults[f"{k}_token"])) for k in ("bos", "eos")]
+    ends = [
+        (config.get(f"add_{k}_token", False), _token(config, f"{k}_token", defaults[f"{k}_token"]))
+        for k in ("bos", "eos")
+    ]
     specials = [(token, tokenizer.token_to_id(token)) for add, token in ends if add]
     if any(i is None for _, i in specials):
         raise ConversionError(f"the tokenizer has no {' / '.join(t for t, i in specials if i is None)} token")
@@ -408,7 +411,9 @@ def dims_from_hf(config: dict, pad_token_id: int) -> SiglipDims:
     if text["hidden_act"] != vision["hidden_act"] or text["layer_norm_eps"] != vision["layer_norm_eps"]:
         raise ConversionError("text and vision towers with different activations or layer norm eps are not supported")
     if not vision["vision_use_head"]:
-        raise ConversionError("a vision tower without its attention pooling head (vision_use_head=false) is not supported")
+        raise ConversionError(
+            "a vision tower without its attention pooling head (vision_use_head=false) is not supported"
+        )
     if vision["num_channels"] != 3:
         raise ConversionError(f"only 3-channel (RGB) vision towers are supported, not {vision['num_channels']}")
     if (text["projection_size"] or text["hidden_size"]) != vision["hidden_size"]:

@@ -237,9 +237,9 @@ def siglip_reference(encoder: Encoder, src: Path) -> list[ExampleResult]:
         "pixel_values"
     ]
     length = encoder.dims.context_length
-    ids = tokenizer(
-        list(SAMPLE_TEXTS), padding="max_length", max_length=length, truncation=True, padding_side="right"
-    )["input_ids"]
+    ids = tokenizer(list(SAMPLE_TEXTS), padding="max_length", max_length=length, truncation=True, padding_side="right")[
+        "input_ids"
+    ]
     with torch.no_grad():
         image_ref = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
         text_ref = model.get_text_features(input_ids=torch.tensor(ids)).pooler_output.numpy()
@@ -304,10 +304,9 @@ def open_clip_pixels(image, size: int, preprocess_cfg: dict) -> np.ndarray:
     else:
         target = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     image = image.resize(target, resample)
-    top, left = int(round((target[1] - size) / 2.0)), int(round((target[0] - size) / 2.0))
-    x = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32).transpose(2, 0, 1) / np.float32(
-        255
-    )
+    top, left = round((target[1] - size) / 2.0), round((target[0] - size) / 2.0)
+    x = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32).transpose(2, 0, 1)
+    x = x / np.float32(255)
     mean = np.asarray(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32).reshape(-1, 1, 1)
     return (x - mean) / std
