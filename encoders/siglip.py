@@ -204,7 +204,7 @@ class SiglipEncoder(Encoder):
 # --- tokenizers ------------------------------------------------------------------------------
 
 SIGLIP_SPECIALS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}  # SiglipTokenizer's defaults
-GEMMA_SPECIALS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+GEMMA_PAD = "<pad>"  # GemmaTokenizer's default pad token
 # Gemma-tokenised SigLIP 2 was trained on lowercased text; its releases name GemmaTokenizer, which does not
 # lowercase, where transformers' Siglip2Tokenizer (the same tokenizer.json behind a Lowercase) does.
 SIGLIP2_TOKENIZERS = ("GemmaTokenizer", "Siglip2Tokenizer")
@@ -273,31 +273,13 @@ def spiece_tokenizer(model: spiece.SentencePieceModel, config: dict) -> Tokenize
     return tokenizer
 
 
-def _with_specials(tokenizer: Tokenizer, config: dict, defaults: dict) -> Tokenizer:
-    """transformers' TokenizersBackend: a tokenizer_config.json that sets add_bos_token or add_eos_token rebuilds the
-    post-processor from them (SigLIP 2: no BOS, EOS added)."""
-    if "add_bos_token" not in config and "add_eos_token" not in config:
-        return tokenizer
-    ends = [
-        (config.get(f"add_{k}_token", False), _token(config, f"{k}_token", defaults[f"{k}_token"]))
-        for k in ("bos", "eos")
-    ]
-    specials = [(token, tokenizer.token_to_id(token)) for add, token in ends if add]
-    if any(i is None for _, i in specials):
-        raise ConversionError(f"the tokenizer has no {' / '.join(t for t, i in specials if i is None)} token")
-    (add_bos, bos), (add_eos, eos) = ends
-    single = f"{bos}:0 " * add_bos + "$A:0" + f" {eos}:0" * add_eos
-    pair = single + f" {bos}:1" * add_bos + " $B:1" + f" {eos}:1" * add_eos
-    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    return tokenizer
-
-
 def tokenizer_from_hf(src: Path) -> tuple[str, int]:
-    """A SigLIP release's tokenizer files -> (tokenizer.json text, pad token id)."""
+    """A SigLIP release's tokenizer files -> (tokenizer.json text, pad token id). A tokenizer.json's post-processor
+    decides BOS / EOS, as in transformers 5 (which ignores tokenizer_config's add_bos_token / add_eos_token then)."""
     config = checkpoint.read_json_if(src / "tokenizer_config.json") or {}
     kind = tokenizer_kind(src)
     if kind == "spiece":
-        tokenizer, defaults = spiece_tokenizer(spiece.read(src / "spiece.model"), config), SIGLIP_SPECIALS
+        tokenizer = spiece_tokenizer(spiece.read(src / "spiece.model"), config)
     else:
         try:
             tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -306,9 +288,7 @@ def tokenizer_from_hf(src: Path) -> tuple[str, int]:
         if kind == "siglip2":
             lower = [normalizers.Lowercase()] + ([tokenizer.normalizer] if tokenizer.normalizer else [])
             tokenizer.normalizer = normalizers.Sequence(lower)
-        defaults = GEMMA_SPECIALS if kind == "siglip2" else SIGLIP_SPECIALS
-        tokenizer = _with_specials(tokenizer, config, defaults)
-    pad = _token(config, "pad_token", defaults["pad_token"])
+    pad = _token(config, "pad_token", GEMMA_PAD if kind == "siglip2" else SIGLIP_SPECIALS["pad_token"])
     if (pad_id := tokenizer.token_to_id(pad)) is None:
         raise ConversionError(f"{src}: the tokenizer has no pad token {pad!r}")
     return tokenizer.to_str(), pad_id

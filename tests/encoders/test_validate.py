@@ -121,3 +121,12 @@ def test_clip_passes_from_its_checkpoint_and_from_an_export(home, tmp_path):
     shutil.rmtree(src)  # as for a model this project trained: no checkpoint on disk, so validate exports one
     exported = validate("tiny-clip")
     assert exported.passed and [e.label for e in exported.examples] == [e.label for e in report.examples]
+
+
+def test_shapes_clip_passes_through_its_export(home):
+    """The bundled demo model was trained here with a word-level tokenizer and validates through export_hf: the
+    export must make transformers use its tokenizer.json as it is (CLIPTokenizer rebuilt CLIP's BPE pipeline around
+    the vocabulary and turned most words into the unknown token: text cosines fell to about 0)."""
+    report = validate("shapes-clip")
+    assert report.kind == "clip" and "CLIPModel" in report.reference
+    assert report.min_cosine >= 0.9999 and report.passed
