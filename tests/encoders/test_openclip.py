@@ -207,3 +207,15 @@ def test_softmax_scores_sum_to_one():
     p = softmax_scores(np.array([[0.1, 0.3, 0.2], [0.0, 0.0, 0.0]]), 100.0)
     np.testing.assert_allclose(p.sum(-1), 1)
     assert p[0].argmax() == 1 and np.allclose(p[1], 1 / 3)
+
+
+def test_crop_offset_rounds_as_torchvision(photos):
+    """rocket.jpg at 32 pixels: 47 x 32 after resizing, 15 to crop away. torchvision starts at round(7.5) = 8,
+    transformers at 7: only crop_rounding="round" gives open_clip's pixels."""
+    from encoders import image
+
+    rgb = image.decode(photos["rocket.jpg"])
+    ref = open_clip_pixels(rgb, 32, {})
+    rounded = image.preprocess(rgb, 32, 32, crop_rounding="round")
+    floored = image.preprocess(rgb, 32, 32, crop_rounding="floor")
+    assert np.abs(rounded - ref).max() <= 1e-5 < np.abs(floored - ref).max()
