@@ -240,9 +240,10 @@ def spiece_tokenizer(model: spiece.SentencePieceModel, config: dict) -> Tokenize
     """transformers' SiglipTokenizer (a slow, SentencePiece one) as a tokenizers pipeline. It canonicalises the text
     (lowercased, ASCII punctuation removed, whitespace runs folded to one space, stripped), prefixes "▁" and encodes
     "<unk>" + text with SentencePiece, dropping the pieces of "<unk>": so the dummy prefix is its own "▁" and no
-    leading whitespace of the text is removed. Pieces never span a "▁", so encoding the text alone is the same."""
-    if model.model_type != spiece.UNIGRAM or model.treat_whitespace_as_suffix:
-        raise ConversionError("only unigram SentencePiece models (whitespace as prefix) are supported")
+    leading whitespace of the text is removed. Pieces never span a "▁" (split_by_whitespace), so encoding the text
+    alone gives the same pieces."""
+    if model.model_type != spiece.UNIGRAM or model.treat_whitespace_as_suffix or not model.split_by_whitespace:
+        raise ConversionError("only unigram SentencePiece models split by whitespace, as prefix, are supported")
     tokenizer = Tokenizer(Unigram([(p, s) for p, s, _ in model.pieces], model.unk_id, model.byte_fallback))
     steps = [normalizers.Replace(SPIECE_UNDERLINE, " "), normalizers.Prepend(SPIECE_UNDERLINE)]
     if config.get("do_lower_case", True):

@@ -17,7 +17,7 @@ from .errors import ConversionError
 # ModelProto field numbers, from sentencepiece_model.proto
 PIECES, TRAINER_SPEC, NORMALIZER_SPEC = 1, 2, 3
 PIECE, SCORE, TYPE = 1, 2, 3  # SentencePiece
-MODEL_TYPE, BYTE_FALLBACK, UNK_ID, TREAT_WHITESPACE_AS_SUFFIX = 3, 35, 40, 24  # TrainerSpec
+MODEL_TYPE, SPLIT_BY_WHITESPACE, TREAT_WHITESPACE_AS_SUFFIX, BYTE_FALLBACK, UNK_ID = 3, 22, 24, 35, 40  # TrainerSpec
 CHARSMAP, ADD_DUMMY_PREFIX, REMOVE_EXTRA_WHITESPACES, ESCAPE_WHITESPACES = 2, 3, 4, 5  # NormalizerSpec
 UNIGRAM = 1  # TrainerSpec.ModelType
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
@@ -29,6 +29,7 @@ class SentencePieceModel:
     model_type: int = UNIGRAM
     unk_id: int = 0
     byte_fallback: bool = False
+    split_by_whitespace: bool = True  # no piece holds a "▁" but at its start
     treat_whitespace_as_suffix: bool = False
     precompiled_charsmap: bytes = b""
     add_dummy_prefix: bool = True
@@ -95,6 +96,7 @@ def read(path: Path) -> SentencePieceModel:
         model_type=trainer.get(MODEL_TYPE, UNIGRAM),
         unk_id=trainer.get(UNK_ID, 0),
         byte_fallback=bool(trainer.get(BYTE_FALLBACK, False)),
+        split_by_whitespace=bool(trainer.get(SPLIT_BY_WHITESPACE, True)),
         treat_whitespace_as_suffix=bool(trainer.get(TREAT_WHITESPACE_AS_SUFFIX, False)),
         precompiled_charsmap=normalizer.get(CHARSMAP, b""),
         add_dummy_prefix=bool(normalizer.get(ADD_DUMMY_PREFIX, True)),
