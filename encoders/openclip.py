@@ -4,8 +4,11 @@ A directory as open_clip's `push_to_hf_hub` writes it: `open_clip_config.json` (
 ...}) and `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`. The towers must be the CLIP ones (no timm or
 Hugging Face tower, no CoCa decoder, no layer scale or custom attention); a setting that needs a part our CLIP lacks
 is one ConversionError naming it. OpenCLIP directories carry no tokenizer: their CLIP models use OpenAI's BPE,
-bundled here. Preprocessing is open_clip's eval transform: the short side resized to the model's image size (or
-squashed to it), a centre crop placed as torchvision rounds it, mean / std from the config.
+bundled here, in transformers' CLIPTokenizer pipeline (NFC, whitespace folded, lowercased). open_clip's own also
+runs ftfy and html.unescape, so text with HTML entities, curly quotes, ligatures or full-width forms tokenises
+differently (as between transformers and OpenAI). Preprocessing is open_clip's eval transform: the short side
+resized to the model's image size (or squashed to it), a centre crop placed as torchvision rounds it, mean / std
+from the config; transparent images are composited onto white where open_clip's convert("RGB") drops the alpha.
 """
 
 from __future__ import annotations
