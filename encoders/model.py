@@ -20,46 +20,17 @@ import numpy as np
 
 from . import audio, image
 from .errors import AudioValidationError, ModelLoadError
+from .options import Options
 from .text import check_text
 
 if TYPE_CHECKING:
     import torch
 
-    from .store import StoredModel
+    from .weights import StoredModel
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-AUDIO_MODES = ("trimmed", "padded")
-MODALITIES = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}  # what each model kind embeds
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to run a model: device (None = cuda if available, else cpu), compute dtype, Whisper mode."""
-
-    device: str | None = None
-    dtype: str = "float32"
-    audio_mode: str = "trimmed"
-    normalize: bool = True
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.audio_mode not in AUDIO_MODES:
-            raise ModelLoadError(f"audio mode must be one of {', '.join(AUDIO_MODES)}, not {self.audio_mode!r}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        import torch
-
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype)
+TOWERS = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}  # what each model kind embeds
 
 
 Item = np.ndarray | str
@@ -76,7 +47,7 @@ class Inputs:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return MODALITIES[self.kind]
+        return TOWERS[self.kind]
 
     def check(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -97,7 +68,7 @@ class Inputs:
 
 
 class Encoder(ABC):
-    """A loaded model. Subclasses set `modalities` (`MODALITIES` of their kind) and build their network in `build`."""
+    """A loaded model. Subclasses set `modalities` (`TOWERS` of their kind) and build their network in `build`."""
 
     modalities: tuple[str, ...] = ()
 
