@@ -121,7 +121,7 @@ def test_classify_is_clips_zero_shot_softmax(store, rng, monkeypatch):
     store, ids, vectors, langs = store
     labels = ["alpha", "beta", "gamma"]
     label_vectors = rng.standard_normal((3, 16)).astype(np.float32) * [[1.0], [3.0], [0.5]]  # norms do not matter
-    monkeypatch.setattr("storage.query.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
+    monkeypatch.setattr("storage.search.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
     got = classify(store.root, label_vectors, labels, "text", "m", scale=50.0)
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     logits = 50.0 * unit(vectors) @ unit(label_vectors).T
