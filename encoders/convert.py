@@ -11,7 +11,7 @@ from .store import StoredModel
 
 
 def detect(src: Path) -> str:
-    """-> 'ct2-whisper', 'hf-clip', 'hf-whisper' or 'hf-bert'."""
+    """-> 'ct2-whisper', 'hf-clip', 'hf-whisper', 'hf-clap' or 'hf-bert'."""
     config_path = src / "config.json"
     if not src.is_dir() or not config_path.exists():
         raise ConversionError(f"{src} is not a checkpoint directory (no config.json)")
@@ -23,12 +23,14 @@ def detect(src: Path) -> str:
         return "hf-clip"
     if model_type == "whisper":
         return "hf-whisper"
+    if model_type == "clap":
+        return "hf-clap"
     if model_type in ("bert", "roberta", "xlm-roberta") or any(
         a.startswith("Bert") for a in config.get("architectures", [])
     ):
         return "hf-bert"
     raise ConversionError(
-        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, BERT-family, CTranslate2 Whisper)"
+        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, CLAP, BERT-family, CTranslate2 Whisper)"
     )
 
 
@@ -38,6 +40,8 @@ def read_checkpoint(src: Path) -> StoredModel:
         from .clip import convert_hf
     elif fmt == "hf-whisper":
         from .whisper import convert_hf
+    elif fmt == "hf-clap":
+        from .clap import convert_hf
     elif fmt == "ct2-whisper":
         from .whisper import convert_ct2 as convert_hf
     else:
