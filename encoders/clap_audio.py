@@ -13,7 +13,9 @@ The extractor picks at random where a longer clip is read; here the choice is fi
   windows with evenly spaced starts from 0 to `n - max_samples` (rounded), each one of the crops
   `rand_trunc` could pick; the encoder averages their L2-normalised embeddings.
 - fused (`fusion`: a downsampled whole-clip mel plus one random chunk from each third of the
-  possible starts): the chunk at the middle of each third's range of starts.
+  possible starts): the chunk at the middle of each third's range of starts. A clip is fused exactly
+  when it is longer than 10 s (the extractor also marks one random clip of a batch that holds no long
+  one, a training device the encoder leaves out).
 
 An item is one float32 array (n, frames, n_mels): unfused, its n windows; fused, 1 mel (a clip
 of at most 10 s, which the model repeats into its 4 channels) or the 4 fusion channels.

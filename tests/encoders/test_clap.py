@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +263,21 @@ def test_zero_shot_is_logits_per_audio_softmax(encoders, checkpoints):
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
 
 
+def test_config_defaults_are_transformers():
+    """The defaults the converter fills in for keys a config.json leaves out are transformers' own."""
+    from transformers import ClapAudioConfig, ClapConfig, ClapTextConfig
+
+    from encoders import clap
+
+    for ours, theirs in (
+        (clap.HF_DEFAULTS, ClapConfig().to_dict()),
+        (clap.HF_AUDIO_DEFAULTS, ClapAudioConfig().to_dict()),
+        (clap.HF_TEXT_DEFAULTS, ClapTextConfig().to_dict()),
+        (clap.HF_FEATURE_DEFAULTS, ClapFeatureExtractor().to_dict()),
+    ):
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in theirs.items() if k in ours} == ours
+
+
 def test_convert_detect_and_load_by_path(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("MMEMBED_HOME", str(tmp_path / "home"))
     src = checkpoints["unfused"]
@@ -273,6 +290,17 @@ def test_convert_detect_and_load_by_path(checkpoints, tmp_path, monkeypatch):
     embeddings = encoder.encode("audio", [CLIPS["tone"], LONG])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert store.load(path).preprocess["mel_scale"] == "slaney"
+    # preprocessing alone, as its workers run it, never imports torch
+    (tmp_path / "tone.wav").write_bytes(CLIPS["tone"])
+    code = f"""
+import sys
+from pathlib import Path
+from encoders.registry import load_inputs
+assert load_inputs({str(path)!r})("audio", Path({str(tmp_path / "tone.wav")!r}).read_bytes()).shape == (1, 1001, 32)
+print("torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def _rewrite(src: Path, dest: Path, edit) -> Path:
