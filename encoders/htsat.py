@@ -56,8 +56,11 @@ class HTSATDims:
             raise ValueError(
                 f"stages of {self.resolutions} tokens a side: one is smaller than the window {self.window}"
             )
-        if grid[0] % 2 ** (len(self.depths) - 1) or self.resolutions[-1] % (self.spec_size // self.n_mels):
+        if grid[0] % 2 ** (len(self.depths) - 1):
             raise ValueError(f"a {grid[0]}x{grid[0]} grid does not halve evenly over {len(self.depths)} stages")
+        if self.resolutions[-1] % (self.spec_size // self.n_mels):
+            # transformers regroups the last stage's rows into the r bands before its mean: it fails
+            raise ValueError(f"the last stage's {self.resolutions[-1]} rows do not split into the mel bands")
 
     @property
     def widths(self) -> list[int]:
@@ -152,6 +155,7 @@ class WindowAttention(Attention):
 
 
 @lru_cache(maxsize=16)
+@torch.inference_mode(False)  # cached: a tensor made under inference mode could not serve a forward outside it
 def relative_position_index(window: int) -> Tensor:
     """(window², window²): the bias-table row of each pair of tokens in a window, by their offset."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
@@ -160,6 +164,7 @@ def relative_position_index(window: int) -> Tensor:
 
 
 @lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def shift_mask(side: int, window: int, shift: int) -> Tensor:
     """(windows, window², window²) float: SHIFT_MASK between tokens the cyclic shift made neighbours, else 0."""
     index = torch.arange(side)
