@@ -1,7 +1,4 @@
-"""(stand-in for checkpoint.py: a copy of the lead's, not yet on main, with `some` from its errors.py inlined;
-drop this file for the lead's when merging.)
-
-Source checkpoints, read once for the converters: Hugging Face directories and CTranslate2 `model.bin`.
+"""Source checkpoints, read once for the converters: Hugging Face directories and CTranslate2 `model.bin`.
 
 A family's converter names, in one key table, which source tensors make each of its own (ours -> source: several
 are concatenated along dim 0, None stands for zeros, e.g. the key bias Whisper lacks) and `remap` builds them,
@@ -20,14 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import ConversionError
-
-
-def some(names: Iterable[str]) -> str:  # stand-in for checkpoint.py: lives in the lead's errors.py
-    """The first of `names` (sorted) and how many more: "'a.weight' (and 3 more)"."""
-    first, *more = sorted(names)
-    return f"'{first}'" + (f" (and {len(more)} more)" if more else "")
-
+from .errors import ConversionError, some
 
 Table = dict[str, tuple[str | None, ...]]
 Select = Callable[[str], bool]

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint, clap_audio
-from .bert import Bert, BertDims
+from .bert import Bert, BertDims, hf_table
 from .block import ACTIVATIONS, Linear
 from .checkpoint import Table
 from .errors import ConversionError, ModelLoadError
 from .htsat import HTSAT, BatchNorm, HTSATDims
 from .model import MODALITIES, Encoder, Item, Options
-from .store import StoredModel, load_state
 from .text import TextTokenizer
+from .vocab import roberta_bpe
+from .weights import StoredModel, load_state
 
 TEXT_CHUNK = 64  # texts per forward pass, sorted by length first so each chunk pads little
 AUDIO_CHUNK = 16  # 10 s windows per forward pass
@@ -191,21 +192,6 @@ class ClapEncoder(Encoder):
 
 AUDIO = "audio_model.audio_encoder."
 # ours -> HF ClapModel; a tuple of several HF tensors is concatenated along dim 0 (q, k, v -> qkv)
-TEXT_KEYS = {
-    "token_embedding.weight": ("embeddings.word_embeddings.weight",),
-    "position_embedding.weight": ("embeddings.position_embeddings.weight",),
-    "type_embedding.weight": ("embeddings.token_type_embeddings.weight",),
-    "ln.weight": ("embeddings.LayerNorm.weight",),
-    "ln.bias": ("embeddings.LayerNorm.bias",),
-}
-TEXT_BLOCK_KEYS = {
-    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-    "attn.out": ("attention.output.dense",),
-    "ln1": ("attention.output.LayerNorm",),
-    "mlp.fc1": ("intermediate.dense",),
-    "mlp.fc2": ("output.dense",),
-    "ln2": ("output.LayerNorm",),
-}
 SWIN_BLOCK_KEYS = {
     "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
     "attn.out": ("attention.output.dense",),
@@ -265,7 +251,6 @@ HF_FEATURE_DEFAULTS = dict(
     truncation="fusion",
     padding="repeatpad",
 )
-ROBERTA_SPECIALS = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
 
 def _pairs(keys: dict[str, tuple[str, ...]], ours: str, theirs: str) -> Table:
@@ -277,9 +262,7 @@ def key_table(dims: ClapDims) -> Table:
     """Every tensor of CLAP(dims) -> the HF ClapModel tensors it is made of."""
     a = dims.audio
     table = {"logit_scale_a": ("logit_scale_a",), "logit_scale_t": ("logit_scale_t",)}
-    table |= {f"text.{k}": tuple(f"text_model.{t}" for t in v) for k, v in TEXT_KEYS.items()}
-    for i in range(dims.text.layers):
-        table |= _pairs(TEXT_BLOCK_KEYS, f"text.blocks.{i}.", f"text_model.encoder.layer.{i}.")
+    table |= {f"text.{k}": tuple(f"text_model.{t}" for t in v) for k, v in hf_table(dims.text).items()}
     heads = (
         "text_projection.linear1",
         "text_projection.linear2",
@@ -421,44 +404,6 @@ def check_features(settings: dict, dims: HTSATDims) -> None:
             f"the features ({frames} frames x {settings['n_mels']} mel bins) do not fit the audio tower "
             f"({dims.n_mels} mel bins, at most {most} frames)"
         )
-
-
-def roberta_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], tokenizer_config: dict) -> str:
-    """A RoBERTa vocab.json + merges.txt -> tokenizer.json text, as transformers' RobertaTokenizer builds it."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    specials = {}
-    for key, default in ROBERTA_SPECIALS.items():
-        token = tokenizer_config.get(key) or default
-        specials[key] = token if isinstance(token, dict) else {"content": token}
-    missing = [s["content"] for s in specials.values() if s["content"] not in vocab]
-    if missing:
-        raise ConversionError(f"the vocabulary has no {', '.join(missing)}")
-    prefix = bool(tokenizer_config.get("add_prefix_space", False))
-    tokenizer = Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
-    tokenizer.decoder = decoders.ByteLevel()
-    bos, eos = specials["bos_token"]["content"], specials["eos_token"]["content"]
-    tokenizer.post_processor = processors.RobertaProcessing(
-        (eos, vocab[eos]),
-        (bos, vocab[bos]),
-        trim_offsets=bool(tokenizer_config.get("trim_offsets", True)),
-        add_prefix_space=prefix,
-    )
-    tokenizer.add_special_tokens(
-        [
-            AddedToken(
-                s["content"],
-                lstrip=s.get("lstrip", False),
-                rstrip=s.get("rstrip", False),
-                normalized=False,
-                special=True,
-            )
-            for s in sorted(specials.values(), key=lambda s: vocab[s["content"]])
-        ]
-    )
-    return tokenizer.to_str()
 
 
 def convert_hf(src: Path) -> StoredModel:

@@ -31,12 +31,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 AUDIO_MODES = ("trimmed", "padded")
-MODALITIES = {
-    "clip": ("image", "text"),
-    "whisper": ("audio",),
-    "bert": ("text",),
-    "clap": ("audio", "text"),
-}  # what each model kind embeds
+# what each model kind embeds
+MODALITIES = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",), "clap": ("audio", "text")}
 
 
 @dataclass(frozen=True)
@@ -119,9 +115,9 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
-        from .block import cpu_computes
+        from .onednn import computes
 
-        if self.options.torch_device.type == "cpu" and not cpu_computes(self.options.torch_dtype):
+        if self.options.torch_device.type == "cpu" and not computes(self.options.torch_dtype):
             log.warning(
                 f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
                 "expect it several times slower than float32"

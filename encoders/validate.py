@@ -19,7 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
-from . import registry, store
+from . import registry, weights
 from .convert import detect
 from .errors import EncoderError, ModelLoadError
 from .model import Encoder, Options
@@ -224,14 +224,14 @@ def validate(name: str) -> ValidationReport:
     """Run model NAME (a registry name or store path) and its reference on the built-in samples."""
     path = registry.resolve(name)
     encoder = registry.load_encoder(name, OPTIONS)
-    source = store.read_meta(path).get("source")
+    source = weights.read_meta(path).get("source")
     with tempfile.TemporaryDirectory(prefix="mmembed-validate-") as tmp:
         if source and Path(source, "config.json").exists():
             src = Path(source)
         elif encoder.kind == "clip":
             from .clip import export_hf
 
-            src = export_hf(store.load(path), Path(tmp))
+            src = export_hf(weights.load(path), Path(tmp))
         else:
             where = f"its source {source} is gone" if source else "it records no source checkpoint"
             raise ModelLoadError(

@@ -46,7 +46,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 
 from encoders import audio, image, registry
-from encoders import store as weight_store
+from encoders import weights
 from encoders.model import Options
 from encoders.registry import load_encoder, load_inputs
 from pipelines.embed import start as start_ray
@@ -435,8 +435,8 @@ def bench_clip(name: str, clip_config: dict) -> Path:
     from tokenizers import Tokenizer
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from encoders.clip import train_tokenizer
     from encoders.convert import convert
+    from encoders.vocab import train_tokenizer
 
     src = registry.model_home() / "bench" / name
     dest = registry.models_dir() / f"{name}.parquet"
@@ -471,9 +471,9 @@ def hf_whisper_encoder(name: str):
     """transformers' Whisper encoder with the weights of our store `name`: our converter's table, inverted."""
     from transformers import WhisperConfig, WhisperModel
 
-    from encoders.whisper import WhisperDims, _hf_table
+    from encoders.whisper import WhisperDims, hf_table
 
-    stored = weight_store.load(registry.resolve(name))
+    stored = weights.load(registry.resolve(name))
     dims = WhisperDims(**stored.config)
     config = WhisperConfig(
         num_mel_bins=dims.n_mels,
@@ -485,7 +485,7 @@ def hf_whisper_encoder(name: str):
         decoder_layers=1,
     )
     state = {}
-    for ours, parts in _hf_table(dims.layers).items():
+    for ours, parts in hf_table(dims.layers).items():
         for hf, tensor in zip(parts, stored.tensors[ours].chunk(len(parts))):
             if hf is not None:  # None: the key bias Whisper lacks, stored as zeros
                 state[hf] = tensor.contiguous()

@@ -115,7 +115,7 @@ def _report(record: dict, as_json: bool) -> None:
 def backfill(args: argparse.Namespace) -> int:
     from encoders.model import MODALITIES
     from encoders.registry import resolve
-    from encoders.store import read_meta
+    from encoders.weights import read_meta
     from storage.query import recorded_inputs
 
     from .run import run_job

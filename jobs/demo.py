@@ -15,13 +15,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from encoders import shapes
 from storage.query import classify, connect, run_readonly, search
 
 from . import config, output
 from .commands import cached_encoder, embed_query
 from .run import run_job
 from .samples import SAMPLE_DIR as SAMPLES
+from .shapes import render as shapes
 
 TEXT_TO_IMAGE = ("a red circle", "a small blue square in the top left", "a green star", "a yellow triangle")
 SQL = """SELECT id, round(array_cosine_similarity(embedding, embed_text('shapes-clip', 'a purple heart')), 4) AS score

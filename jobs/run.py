@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from encoders import store as weight_store
+from encoders import weights
 from encoders.model import Options
 from encoders.registry import resolve
 from pipelines import embed as pipeline
@@ -45,7 +45,7 @@ def encoder_options(cfg: JobConfig) -> Options:
 
 
 def model_digest(model: str) -> str:
-    return weight_store.read_digest(resolve(model))
+    return weights.read_digest(resolve(model))
 
 
 def check_models(cfg: JobConfig, counts: Counter) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
     python -m jobs.samples [--out DIR]
 
-- shapes/<colour>_<shape>_<n>.png: 64x64 renders of every colour x shape class (encoders.shapes,
+- shapes/<colour>_<shape>_<n>.png: 64x64 renders of every colour x shape class (jobs.shapes.render,
   with a seed neither training nor evaluation uses), for text->image retrieval with shapes-clip;
 - photos/<name>.jpg: scikit-image's sample photos, downsized;
 - speech/<sentence>_<voice>.flac: sentences spoken by several espeak-ng voices, 16 kHz mono;
@@ -25,11 +25,11 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from encoders import shapes
+from .shapes import render as shapes
 
 SAMPLE_DIR = Path(__file__).parent / "sample_media"
 
-SHAPES_SEED = 7_000  # not a seed encoders.train_shapes trains or evaluates on
+SHAPES_SEED = 7_000  # not a seed jobs.shapes.train trains or evaluates on
 SHAPES_PER_CLASS = 5
 
 PHOTOS = (

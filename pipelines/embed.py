@@ -15,6 +15,7 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from encoders.model import Options
 
+from . import ray_private
 from .errors import ResourceError
 from .sinks import write_shard
 from .sources import Inventory, load_rows, of_modality, skip_done
@@ -67,14 +68,7 @@ def start(address: str | None = None) -> bool:
             "logging_level": logging.WARNING,
             "configure_logging": True,
         }
-        try:
-            ray.init(**init, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
-        except (
-            ValueError
-        ) as e:  # joining a running cluster (--address, RAY_ADDRESS, `ray start` here): it keeps its settings
-            if "_system_config" not in str(e):
-                raise
-            ray.init(**init)
+        ray_private.init(IDLE_WORKER_S, **init)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
@@ -82,10 +76,7 @@ def start(address: str | None = None) -> bool:
         object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes())
     )
     ctx.print_on_execution_start = False
-    # Ray Data's Parquet reader V2 lists files in a task that takes a whole CPU and reads footers in up to 32
-    # new actor processes per pipeline: seconds of CPU before a batch moves (a 10-item job: 6 of its 22 workers).
-    # V1 reads the footers of our few, large files in the driver.
-    ctx.use_datasource_v2 = False
+    ray_private.use_parquet_reader_v1(ctx)
     # a bounded light step (see `dataset`) over fewer inputs than its bound is expected, not a mistake
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return connected
@@ -130,16 +121,6 @@ def light_tasks() -> int:
     bound. One per node: each task running at once takes a worker process of its own (~2 core-s to start), and
     they are light enough that one keeps up."""
     return len(nodes())
-
-
-def bounded(ds: ray.data.Dataset, tasks: int) -> ray.data.Dataset:
-    """`ds`, whose last step is a repartition, with that step's tasks reserving no CPU, `tasks` at most at once.
-
-    `Dataset.repartition` takes neither (Ray 2.60): each of its tasks would reserve a whole CPU."""
-    step = ds._logical_plan.dag
-    step.ray_remote_args["num_cpus"] = 0
-    object.__setattr__(step, "compute", TaskPoolStrategy(size=tasks))  # a frozen dataclass
-    return ds
 
 
 def actor_threads(sizes: StageSizes, gpu: bool) -> int:
@@ -208,7 +189,7 @@ def dataset(
     # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...). At least
     # one encoder batch: text's 256 in blocks of 64 made 4x the tasks for the driver to schedule, beside the encoder.
     block = max(sizes.read, target.encode_batch)
-    ds = bounded(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
+    ds = ray_private.last_step_light(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
     cpu_task = {"batch_size": block, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
     ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)

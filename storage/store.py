@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from .schema import ERROR_SCHEMA, conform, embedding_dim, embedding_schema
 
-KINDS = ("embeddings", "errors")
+TABLES = ("embeddings", "errors")  # the data tables under ROOT, each a tree of partitioned Parquet files
 MODALITIES = ("image", "audio", "text")
 COMMITS, JOBS = "_commits", "_jobs"
 TMP_SUFFIX = ".tmp"
@@ -167,7 +167,7 @@ class Store:
         """Make `files` (ROOT-relative, as the writers returned them) visible in one step."""
         check_name("job", job_id)
         for rel in files:
-            if rel.split("/", 1)[0] not in KINDS or ".." in rel.split("/") or not rel.endswith(".parquet"):
+            if rel.split("/", 1)[0] not in TABLES or ".." in rel.split("/") or not rel.endswith(".parquet"):
                 raise StoreError(f"{rel!r} is not a data file path in the store")
         missing = [i.path for i in self.fs.get_file_info([self.path(f) for f in files]) if i.type != pafs.FileType.File]
         if missing:
@@ -193,8 +193,8 @@ class Store:
         return list(self._commits.values())
 
     def _committed(self, kind: str) -> list[str]:
-        if kind not in KINDS:
-            raise StoreError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if kind not in TABLES:
+            raise StoreError(f"kind must be one of {', '.join(TABLES)}, not {kind!r}")
         return sorted({f for r in self._records() for f in r["files"] if f.startswith(f"{kind}/")})
 
     def committed_files(self, kind: str) -> list[str]:
@@ -217,7 +217,7 @@ class Store:
         keep = set(self._committed("embeddings")) | set(self._committed("errors"))
         doomed = [
             i.path
-            for kind in KINDS
+            for kind in TABLES
             for i in self._list(kind, recursive=True)
             if i.type == pafs.FileType.File and i.path.removeprefix(self._fs[1] + "/") not in keep
         ]

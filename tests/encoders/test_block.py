@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import block
+from encoders import block, onednn
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -74,9 +74,7 @@ def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch,
     from encoders.model import Options
     from encoders.registry import load_encoder
 
-    assert block.cpu_computes(torch.float32)
-    assert block.cpu_computes(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    monkeypatch.setattr(block, "cpu_computes", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(onednn, "computes", lambda dtype: dtype == torch.float32)
     with caplog.at_level("WARNING", logger="encoders.model"):
         load_encoder("minilm-l6", Options(device="cpu"))
         assert not caplog.records

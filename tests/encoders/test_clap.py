@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
 
-from encoders import clap_audio, registry, store
+from encoders import clap_audio, registry, weights
 from encoders.clap import ClapEncoder, convert_hf, preprocess_from_hf
 from encoders.clap_reference import bench_audio, write_reference
 from encoders.convert import convert, detect
@@ -289,7 +289,7 @@ def test_convert_detect_and_load_by_path(checkpoints, tmp_path, monkeypatch):
     np.testing.assert_array_equal(inputs("audio", CLIPS["tone"]), encoder.preprocess("audio", CLIPS["tone"]))
     embeddings = encoder.encode("audio", [CLIPS["tone"], LONG])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
-    assert store.load(path).preprocess["mel_scale"] == "slaney"
+    assert weights.load(path).preprocess["mel_scale"] == "slaney"
     # preprocessing alone, as its workers run it, never imports torch
     (tmp_path / "tone.wav").write_bytes(CLIPS["tone"])
     code = f"""

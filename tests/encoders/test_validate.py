@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from encoders import registry, store
+from encoders import registry, weights
 from encoders.errors import ModelLoadError
 from encoders.validate import THRESHOLD, MissingReferenceError, ValidationReport, validate
 
@@ -40,20 +40,20 @@ def test_whisper_tiny_passes_against_ctranslate2(home):
 
 
 def test_a_wrong_model_fails(home):
-    stored = store.load(registry.resolve("minilm-l6"))
+    stored = weights.load(registry.resolve("minilm-l6"))
     torch.manual_seed(0)
     weight = stored.tensors["blocks.5.mlp.fc2.weight"]
     stored.tensors["blocks.5.mlp.fc2.weight"] = weight + 0.05 * torch.randn_like(weight)
-    store.save(stored, home / "models" / "broken-bert.parquet")
+    weights.save(stored, registry.models_dir() / "broken-bert.parquet")
     report = validate("broken-bert")
     assert report.min_cosine < THRESHOLD and not report.passed
     assert report.to_dict()["passed"] is False
 
 
 def test_a_store_without_source_cannot_be_validated(home):
-    stored = store.load(registry.resolve("minilm-l6"))
+    stored = weights.load(registry.resolve("minilm-l6"))
     stored.source = None
-    store.save(stored, home / "models" / "orphan-bert.parquet")
+    weights.save(stored, registry.models_dir() / "orphan-bert.parquet")
     with pytest.raises(ModelLoadError, match="'orphan-bert': it records no source checkpoint"):
         validate("orphan-bert")
 
@@ -77,7 +77,7 @@ def write_tiny_clip(path):
     from tokenizers import Tokenizer
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from encoders.clip import train_tokenizer
+    from encoders.vocab import train_tokenizer
 
     path.mkdir()
     tokenizer = train_tokenizer(
@@ -113,7 +113,7 @@ def test_clip_passes_from_its_checkpoint_and_from_an_export(home, tmp_path):
     from encoders.convert import convert
 
     src = write_tiny_clip(tmp_path / "tiny-clip")
-    convert(src, home / "models" / "tiny-clip.parquet")
+    convert(src, registry.models_dir() / "tiny-clip.parquet")
     report = validate("tiny-clip")
     assert report.kind == "clip" and "CLIPModel" in report.reference
     assert {e.modality for e in report.examples} == {"image", "text"}

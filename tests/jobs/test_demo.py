@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from encoders import shapes
 from jobs import demo, samples
+from jobs.shapes import render as shapes
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image
 from encoders import registry
 from encoders.model import Options
 from encoders.registry import load_encoder
-from pipelines import embed, sources
+from pipelines import embed, ray_private, sources
 from pipelines.errors import ResourceError
 from storage.store import Store
 
@@ -30,11 +30,7 @@ def text_inventory(tmp_path, n: int) -> sources.Inventory:
 
 def plan_steps(ds) -> dict:
     """The logical plan's steps by name, last first."""
-    steps, op = {}, ds._logical_plan.dag
-    while op is not None:
-        steps[op.name] = op
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    return steps
+    return {op.name: op for op in ray_private.logical_steps(ds)}
 
 
 def test_actor_resources_leave_a_cpu_for_the_tasks(ray_session):
@@ -122,18 +118,12 @@ def test_an_input_of_one_encoder_call_is_encoded_in_a_task_on_cpus_only(tmp_path
 def test_the_read_and_the_modality_filter_run_as_one_task(tmp_path, ray_session):
     """A read split into more blocks than files is never fused with the next step (Ray Data 2.60), and every
     step of its own runs in worker processes of its own: seconds of CPU each to start."""
-    from ray.data._internal.logical.optimizers import get_execution_plan
-
     inventory = text_inventory(tmp_path, 5)
     target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
     ds = embed.dataset(
         inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1"
     )
-    names, op = [], get_execution_plan(ds._logical_plan)[0].dag
-    while op is not None:
-        names.append(op.name)
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    assert names[::-1][1:] == [
+    assert ray_private.fused_step_names(ds)[1:] == [
         "ReadParquet->MapBatches(of_modality)",
         "StreamingRepartition[num_rows_per_block=4,strict=True]",
         "MapBatches(load_rows)->MapBatches(skip_done)->MapBatches(preprocess)",
