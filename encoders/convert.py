@@ -15,6 +15,7 @@ CONVERTERS = {
     "hf-whisper": "encoders.whisper:convert_hf",
     "ct2-whisper": "encoders.whisper:convert_ct2",
     "hf-bert": "encoders.bert:convert_hf",
+    "hf-clap": "encoders.clap:convert_hf",
 }
 BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -28,12 +29,12 @@ def detect(src: Path) -> str:
     if (src / "model.bin").exists() and "model_type" not in config:
         return "ct2-whisper"
     model_type = config.get("model_type")
-    if model_type in ("clip", "whisper"):
+    if model_type in ("clip", "whisper", "clap"):
         return f"hf-{model_type}"
     if model_type in BERT_TYPES or any(a.startswith("Bert") for a in config.get("architectures", [])):
         return "hf-bert"
     raise ConversionError(
-        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, BERT-family, CTranslate2 Whisper)"
+        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, CLAP, BERT-family, CTranslate2 Whisper)"
     )
 
 

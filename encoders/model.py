@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import audio, image
+from . import audio, clap_audio, image
 from .errors import AudioValidationError, ModelLoadError
 from .options import Options
 from .text import check_text
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOWERS = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}  # what each model kind embeds
+# what each model kind embeds
+TOWERS = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",), "clap": ("audio", "text")}
 
 
 Item = np.ndarray | str
@@ -62,6 +63,8 @@ class Inputs:
         if modality == "audio":
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise AudioValidationError(f"audio must be file bytes, not {type(raw).__name__}")
+            if self.kind == "clap":
+                return clap_audio.preprocess(bytes(raw), self.settings)
             return audio.features(audio.decode(bytes(raw)), self.settings["n_mels"], self.options.audio_mode)
         text = check_text(raw)
         return text.lower() if self.settings.get("lowercase") else text

@@ -16,6 +16,7 @@ ENCODER_CLASSES = {
     "clip": "encoders.clip:ClipEncoder",
     "whisper": "encoders.whisper:WhisperEncoder",
     "bert": "encoders.bert:BertEncoder",
+    "clap": "encoders.clap:ClapEncoder",
 }
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
