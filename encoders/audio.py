@@ -47,13 +47,13 @@ def settings(n_mels: int) -> dict:
     }
 
 
-def decode(data: bytes) -> np.ndarray:
-    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at SAMPLE_RATE."""
+def decode(data: bytes, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at `rate` Hz (Whisper's SAMPLE_RATE unless given)."""
     if not data:
         raise AudioValidationError("empty audio (0 bytes)")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
+            source_rate = f.samplerate
             samples = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioValidationError(f"cannot decode audio ({len(data)} bytes): {e}") from None
@@ -62,9 +62,9 @@ def decode(data: bytes) -> np.ndarray:
     if not np.isfinite(samples).all():
         raise AudioValidationError("audio holds NaN or infinite samples")
     mono = samples.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        n = math.ceil(len(mono) * SAMPLE_RATE / rate)
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="soxr_hq")
+    if source_rate != rate:
+        n = math.ceil(len(mono) * rate / source_rate)
+        mono = soxr.resample(mono, source_rate, rate, quality="soxr_hq")
         mono = np.pad(mono, (0, max(0, n - len(mono))))[:n]
     return np.ascontiguousarray(mono, dtype=np.float32)
 

@@ -21,7 +21,8 @@ from . import checkpoint
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm
 from .checkpoint import Table
 from .errors import ConversionError
-from .model import MODALITIES, Encoder, Item, Options
+from .model import TOWERS, Encoder, Item
+from .options import Options
 from .text import TextTokenizer
 from .weights import StoredModel, load_state
 
@@ -85,7 +86,7 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 
 class BertEncoder(Encoder):
-    modalities = MODALITIES["bert"]
+    modalities = TOWERS["bert"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from . import checkpoint, image
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
-from .model import MODALITIES, Encoder, Item, Options
+from .model import TOWERS, Encoder, Item
+from .options import Options
 from .text import TextTokenizer
 from .vocab import BOS, EOS, clip_bpe
 from .weights import StoredModel, load_state
@@ -156,7 +157,7 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class ClipEncoder(Encoder):
-    modalities = MODALITIES["clip"]
+    modalities = TOWERS["clip"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)

@@ -17,6 +17,7 @@ CONVERTERS = {
     "hf-bert": "encoders.bert:convert_hf",
     "hf-siglip": "encoders.siglip:convert_hf",
     "openclip": "encoders.openclip:convert",
+    "hf-clap": "encoders.clap:convert_hf",
 }
 BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -34,7 +35,7 @@ def detect(src: Path) -> str:
     if (src / "model.bin").exists() and "model_type" not in config:
         return "ct2-whisper"
     model_type = config.get("model_type")
-    if model_type in ("clip", "whisper", "siglip"):
+    if model_type in ("clip", "whisper", "siglip", "clap"):
         return f"hf-{model_type}"
     if model_type in BERT_TYPES or any(a.startswith("Bert") for a in config.get("architectures", [])):
         return "hf-bert"
@@ -47,7 +48,7 @@ def detect(src: Path) -> str:
         )
     raise ConversionError(
         f"{src}: unsupported model_type {model_type!r} "
-        "(supported: CLIP, SigLIP, Whisper, BERT-family, CTranslate2 Whisper, OpenCLIP)"
+        "(supported: CLIP, SigLIP, Whisper, CLAP, BERT-family, CTranslate2 Whisper, OpenCLIP)"
     )
 
 

@@ -18,49 +18,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import audio, image
+from . import audio, clap_audio, image
 from .errors import AudioValidationError, ModelLoadError
+from .options import Options
 from .text import check_text
 
 if TYPE_CHECKING:
     import torch
 
-    from .store import StoredModel
+    from .weights import StoredModel
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-AUDIO_MODES = ("trimmed", "padded")
 # what each model kind embeds
-MODALITIES = {"clip": ("image", "text"), "siglip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to run a model: device (None = cuda if available, else cpu), compute dtype, Whisper mode."""
-
-    device: str | None = None
-    dtype: str = "float32"
-    audio_mode: str = "trimmed"
-    normalize: bool = True
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.audio_mode not in AUDIO_MODES:
-            raise ModelLoadError(f"audio mode must be one of {', '.join(AUDIO_MODES)}, not {self.audio_mode!r}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        import torch
-
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype)
+TOWERS = {
+    "clip": ("image", "text"),
+    "siglip": ("image", "text"),
+    "whisper": ("audio",),
+    "bert": ("text",),
+    "clap": ("audio", "text"),
+}
 
 
 Item = np.ndarray | str
@@ -77,7 +54,7 @@ class Inputs:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return MODALITIES[self.kind]
+        return TOWERS[self.kind]
 
     def check(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -92,13 +69,15 @@ class Inputs:
         if modality == "audio":
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise AudioValidationError(f"audio must be file bytes, not {type(raw).__name__}")
+            if self.kind == "clap":
+                return clap_audio.preprocess(bytes(raw), self.settings)
             return audio.features(audio.decode(bytes(raw)), self.settings["n_mels"], self.options.audio_mode)
         text = check_text(raw)
         return text.lower() if self.settings.get("lowercase") else text
 
 
 class Encoder(ABC):
-    """A loaded model. Subclasses set `modalities` (`MODALITIES` of their kind) and build their network in `build`."""
+    """A loaded model. Subclasses set `modalities` (`TOWERS` of their kind) and build their network in `build`."""
 
     modalities: tuple[str, ...] = ()
 
@@ -142,6 +121,12 @@ class Encoder(ABC):
         """Zero-shot classification: cosines (..., n_labels) of items with each label's text embedding -> the
         probabilities the model was trained to give (CLIP: a softmax over the labels; SigLIP: a sigmoid per label)."""
         raise ModelLoadError(f"model {self.name!r} ({self.kind}) has no zero-shot scores: it was not trained for them")
+
+    def zero_shot(self, embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
+        """(n, dim) item embeddings, (labels, dim) label text embeddings -> (n, labels) probabilities, by `score`."""
+        a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        b = label_embeddings / np.linalg.norm(label_embeddings, axis=1, keepdims=True)
+        return self.score(a @ b.T)
 
     @abstractmethod
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from . import weights
 from .errors import ModelLoadError
-from .model import MODALITIES, Encoder, Inputs, Options
+from .model import TOWERS, Encoder, Inputs
+from .options import Options
 
 ENCODER_CLASSES = {
     "clip": "encoders.clip:ClipEncoder",
     "siglip": "encoders.siglip:SiglipEncoder",
     "whisper": "encoders.whisper:WhisperEncoder",
     "bert": "encoders.bert:BertEncoder",
+    "clap": "encoders.clap:ClapEncoder",
 }
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
@@ -99,7 +101,7 @@ def load_encoder(name: str, options: Options = Options()) -> Encoder:
 def load_inputs(name: str, options: Options = Options()) -> Inputs:
     """The model's preprocessing alone, from its store's footer: no weights read, no torch imported."""
     meta = weights.read_meta(resolve(name))
-    if meta["kind"] not in MODALITIES:
+    if meta["kind"] not in TOWERS:
         raise ModelLoadError(f"unknown model kind {meta['kind']!r}")
     return Inputs(short_name(name), meta["kind"], meta["preprocess"] or {}, options)
 

@@ -26,7 +26,8 @@ from . import checkpoint, image, spiece
 from .block import ACTIVATIONS, MLP, Block, Embedding, LayerNorm, Linear, normal
 from .clip import BLOCK_KEYS, _cast
 from .errors import ConversionError, ModelLoadError
-from .model import MODALITIES, Encoder, Item, Options
+from .model import TOWERS, Encoder, Item
+from .options import Options
 from .text import TextTokenizer
 from .weights import StoredModel, load_state
 
@@ -159,7 +160,7 @@ def sigmoid_scores(cosines: np.ndarray, logit_scale: float, logit_bias: float) -
 
 
 class SiglipEncoder(Encoder):
-    modalities = MODALITIES["siglip"]
+    modalities = TOWERS["siglip"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)

@@ -26,7 +26,8 @@ import numpy as np
 from . import checkpoint, registry, weights
 from .convert import detect
 from .errors import EncoderError, ModelLoadError
-from .model import Encoder, Options
+from .model import Encoder
+from .options import Options
 
 THRESHOLD = 0.9999  # the project's parity standard, per example, fp32
 OPTIONS = Options(

@@ -1,7 +1,8 @@
 """tokenizer.json for vocabularies that ship without one, and for models this project trains: CLIP's byte-level BPE.
 
 OpenAI's CLIP tokenizer, as transformers' CLIPTokenizerFast builds it: NFC, whitespace folded, lowercased, split
-into words, byte-level symbols with the end-of-word suffix `</w>`, BOS/EOS around every text.
+into words, byte-level symbols with the end-of-word suffix `</w>`, BOS/EOS around every text. RoBERTa's (CLAP's
+text tower), as transformers' RobertaTokenizer builds it: byte-level BPE on the raw text, <s> ... </s> around it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
@@ -21,6 +22,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # OpenAI's merges as OpenAI and open_clip ship them (MIT, see its LICENSE file): one "#version" line, then merges
 OPENAI_BPE = Path(__file__).parent / "bundled" / "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_MERGES = 49152 - 256 - 2  # the merges OpenAI's SimpleTokenizer reads: 49408 tokens in all
+# RoBERTa's special tokens by tokenizer_config key, for a config that names none
+ROBERTA_SPECIALS = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
 
 def _clip_pipeline(model: BPE) -> Tokenizer:
@@ -82,3 +85,38 @@ def openai_bpe() -> str:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # code-point order = OpenAI's byte order
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
     return clip_bpe({t: i for i, t in enumerate(tokens)}, merges)
+
+
+def roberta_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], tokenizer_config: dict) -> str:
+    """A RoBERTa vocab.json + merges.txt -> tokenizer.json text, as transformers' RobertaTokenizer builds it."""
+    specials = {}
+    for key, default in ROBERTA_SPECIALS.items():
+        token = tokenizer_config.get(key) or default
+        specials[key] = token if isinstance(token, dict) else {"content": token}
+    missing = [s["content"] for s in specials.values() if s["content"] not in vocab]
+    if missing:
+        raise ConversionError(f"the vocabulary has no {', '.join(missing)}")
+    prefix = bool(tokenizer_config.get("add_prefix_space", False))
+    tokenizer = Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tokenizer.decoder = decoders.ByteLevel()
+    bos, eos = specials["bos_token"]["content"], specials["eos_token"]["content"]
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (eos, vocab[eos]),
+        (bos, vocab[bos]),
+        trim_offsets=bool(tokenizer_config.get("trim_offsets", True)),
+        add_prefix_space=prefix,
+    )
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(
+                s["content"],
+                lstrip=s.get("lstrip", False),
+                rstrip=s.get("rstrip", False),
+                normalized=False,
+                special=True,
+            )
+            for s in sorted(specials.values(), key=lambda s: vocab[s["content"]])
+        ]
+    )
+    return tokenizer.to_str()

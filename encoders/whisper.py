@@ -22,7 +22,8 @@ from . import audio, checkpoint
 from .block import Block, LayerNorm
 from .checkpoint import Table
 from .errors import AudioValidationError, ConversionError, ModelLoadError
-from .model import MODALITIES, Encoder, Item, Options
+from .model import TOWERS, Encoder, Item
+from .options import Options
 from .weights import StoredModel, load_state
 
 
@@ -70,7 +71,7 @@ MAX_WINDOWS = 64  # 30 s windows per forward pass, so a batch holding hours of a
 
 
 class WhisperEncoder(Encoder):
-    modalities = MODALITIES["whisper"]
+    modalities = TOWERS["whisper"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)

@@ -12,20 +12,28 @@ from pathlib import Path
 
 import yaml
 
-MODALITIES = ("image", "audio", "text")
+from encoders.errors import MmembedError
+from encoders.options import AUDIO_MODES, DEVICES, DTYPES, MODALITIES
 
 
-class ConfigError(ValueError):
+class ConfigError(MmembedError):
     """A job config is unreadable, has an unknown key or a value of the wrong type."""
 
 
 @dataclass(frozen=True)
 class BatchSizes:
+    """Rows per batch: `preprocess` per decoding task, one per modality per encoder call, `write` per written file."""
+
     preprocess: int = 64
     image: int = 16
     audio: int = 16
     text: int = 256
     write: int = 2000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"batch_size.{f.name}: must be at least 1, not {getattr(self, f.name)}")
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,7 @@ class JobConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self):
-        choices = {
-            "device": ("auto", "cpu", "cuda"),
-            "dtype": ("float32", "bfloat16", "float16"),
-            "whisper_mode": ("trimmed", "padded"),
-        }
+        choices = {"device": DEVICES, "dtype": DTYPES, "whisper_mode": AUDIO_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from encoders import weights
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import resolve
 from pipelines import embed as pipeline
 from pipelines.errors import SourceError

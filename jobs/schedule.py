@@ -30,6 +30,7 @@ from typing import Protocol
 
 from croniter import CroniterError, croniter
 
+from encoders.errors import MmembedError
 from storage.lock import LockError, LockHeldError, RootLock, local_path
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ MAX_SLEEP = 60.0  # seconds; run_forever wakes at least this often to retry skip
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(MmembedError):
     """A job's schedule (cron expression, name or ROOT) is invalid."""
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-from encoders.model import Options
+from encoders.options import Options
 
 from . import ray_private
 from .errors import ResourceError

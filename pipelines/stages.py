@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from encoders.model import Inputs, Options
+from encoders.model import Inputs
+from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
 from .sinks import ERROR_COLUMNS

@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from encoders.errors import MmembedError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
@@ -45,7 +47,7 @@ _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _STARTTIME = 19  # /proc/<pid>/stat field 22, counted from field 3 (the one after the command name)
 
 
-class LockError(Exception):
+class LockError(MmembedError):
     """The ROOT lock cannot be used (an unreadable lock file, a second acquire)."""
 
 

@@ -30,6 +30,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from encoders.errors import MmembedError
+
 from .schema import ERROR_SCHEMA, conform, embedding_dim, embedding_schema
 
 TABLES = ("embeddings", "errors")  # the data tables under ROOT, each a tree of partitioned Parquet files
@@ -57,7 +59,7 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     return con
 
 
-class StoreError(ValueError):
+class StoreError(MmembedError):
     """The store, one of its files or records, or a name or table given to it is missing or invalid."""
 
 
@@ -118,6 +120,9 @@ class Store:
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self._fs[1]).type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self._fs[1]).type == pafs.FileType.File
 
     # -- writing (in workers) ---------------------------------------------------------
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from encoders import weights
 from encoders.bert import CHUNK, BertEncoder, convert_hf
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import PACKAGED
 
 MINILM_DIR = PACKAGED["minilm-l6"]()

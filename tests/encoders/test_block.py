@@ -71,7 +71,7 @@ print("torch._dynamo" in sys.modules)
 def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch, caplog):
     """bf16 or fp16 without the CPU's instructions for them runs 4-7x slower than float32: a user asking for
     either is told once, when the network is built, not left to wonder."""
-    from encoders.model import Options
+    from encoders.options import Options
     from encoders.registry import load_encoder
 
     monkeypatch.setattr(onednn, "computes", lambda dtype: dtype == torch.float32)

@@ -17,7 +17,7 @@ from encoders import checkpoint, registry, weights
 from encoders.clip import CLIP, CLIPDims, ClipEncoder, convert_hf, export_hf
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
 from encoders.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from encoders.model import Options
+from encoders.options import Options
 from encoders.vocab import clip_bpe, train_tokenizer
 
 PROMPTS = [

@@ -12,7 +12,7 @@ from encoders import registry, weights
 from encoders.bert import BertEncoder
 from encoders.convert import detect
 from encoders.errors import ConversionError, ModelLoadError
-from encoders.model import Options
+from encoders.options import Options
 
 MINILM_DIR = registry.PACKAGED["minilm-l6"]()
 

@@ -233,8 +233,9 @@ def test_scores_are_sigmoids_of_siglip_logits(tmp_path, photos, spiece_model):
         ours = SigLIP(encoder.dims).eval()
         ours.load_state_dict(encoder.stored.tensors)
         our_logits = ours(pixels, torch.from_numpy(encoder.tokenizer(labels)[0]))
-    cos = encoder.encode("image", [photos[n] for n in IMAGES[:2]]) @ encoder.encode("text", labels).T
-    np.testing.assert_allclose(encoder.score(cos), torch.sigmoid(logits).numpy(), atol=1e-5)
+    images, texts = encoder.encode("image", [photos[n] for n in IMAGES[:2]]), encoder.encode("text", labels)
+    np.testing.assert_allclose(encoder.score(images @ texts.T), torch.sigmoid(logits).numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoder.zero_shot(3 * images, texts), encoder.score(images @ texts.T), atol=1e-6)
     np.testing.assert_allclose(our_logits.numpy(), logits.numpy(), atol=1e-4)
     assert sigmoid_scores(np.zeros(2), 1.0, 0.0).tolist() == [0.5, 0.5]  # per label, not a softmax
 

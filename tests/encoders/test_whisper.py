@@ -20,7 +20,7 @@ from transformers.audio_utils import load_audio
 from encoders import audio, checkpoint, whisper
 from encoders.convert import read_checkpoint
 from encoders.errors import AudioValidationError, ConversionError, ModelLoadError
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import load_encoder
 from encoders.whisper import WhisperDims, WhisperEncoder
 

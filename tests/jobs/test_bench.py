@@ -19,6 +19,7 @@ from PIL import Image
 
 from encoders import audio
 from jobs import bench
+from jobs.bench import data, memory, plan, report
 from pipelines.embed import FREE_CPUS, MIN_ACTOR_CPUS
 
 TINY_CLIP = {
@@ -39,7 +40,7 @@ TINY_CLIP = {
         "max_position_embeddings": 16,
     },
 }
-PLAN = bench.Plan(
+PLAN = plan.Plan(
     n={"image": 4, "audio": 2, "text": 6},
     clip=TINY_CLIP,
     clip_name="bench-clip-tiny",
@@ -73,7 +74,7 @@ def positive(value) -> bool:
 def result(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("bench")
     result = bench.measure(PLAN, out)
-    return out, result, bench.write_reports(result, out, out / "copy" / "result.json")
+    return out, result, report.write_reports(result, out, out / "copy" / "result.json")
 
 
 def test_json_has_the_issue_keys_with_positive_finite_values(result):
@@ -93,7 +94,7 @@ def test_every_modality_is_measured_three_ways(result):
     for modality, n in PLAN.n.items():
         m = doc["modalities"][modality]
         assert m["items"] == n
-        for dtype in bench.DTYPES:
+        for dtype in plan.DTYPES:
             run = m["pipeline"][dtype]
             assert run["items"] == n and positive(run["items_per_s"]) and positive(run["peak_rss_mb"])
             assert {"list", "preprocess_s", "encode_s", "write_s", "wall"} <= set(run["stages_s"])
@@ -161,15 +162,15 @@ def test_reports(result):
 
 
 def test_synthetic_media():
-    images = list(bench.generate("image", 6, seed=1))
-    assert images == list(bench.generate("image", 6, seed=1)), "the same seed gives the same dataset"
-    assert len({data for _, data in images}) == 6
-    for id_, data in images:
-        with Image.open(io.BytesIO(data)) as img:
-            assert id_.endswith(".jpg") and img.format == "JPEG" and img.size in bench.IMAGE_SIZES
+    images = list(data.generate("image", 6, seed=1))
+    assert images == list(data.generate("image", 6, seed=1)), "the same seed gives the same dataset"
+    assert len({raw for _, raw in images}) == 6
+    for id_, raw in images:
+        with Image.open(io.BytesIO(raw)) as img:
+            assert id_.endswith(".jpg") and img.format == "JPEG" and img.size in plan.IMAGE_SIZES
             assert np.asarray(img).std() > 10, "varied content, not a flat colour"
-    for id_, data in bench.generate("audio", 3):
-        samples, rate = sf.read(io.BytesIO(data))
+    for id_, raw in data.generate("audio", 3):
+        samples, rate = sf.read(io.BytesIO(raw))
         assert (
             id_.endswith(".flac")
             and rate == audio.SAMPLE_RATE
@@ -177,19 +178,19 @@ def test_synthetic_media():
             and samples.ndim == 1
         )
         assert 0.1 < np.abs(samples).max() <= 1
-    for _, text in bench.generate("text", 20):
+    for _, text in data.generate("text", 20):
         assert 10 <= len(text.split()) <= 20
 
 
 def test_write_dataset_is_raw_media_parquet(tmp_path):
     from pipelines.sources import inspect_parquet
 
-    dataset = bench.write_dataset(tmp_path / "mixed", {"image": 2, "audio": 1, "text": 3})
+    dataset = data.write_dataset(tmp_path / "mixed", {"image": 2, "audio": 1, "text": 3})
     inventory = inspect_parquet(dataset, ())
     assert dict(inventory.counts) == {"image": 2, "audio": 1, "text": 3}
-    items = bench.read_items(dataset)
+    items = data.read_items(dataset)
     assert sum(isinstance(i, str) for i in items) == 3 and sum(isinstance(i, bytes) for i in items) == 3
-    assert bench.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(bench.read_items(dataset)) == 6, (
+    assert data.write_dataset(tmp_path / "mixed", {"image": 5}) == dataset and len(data.read_items(dataset)) == 6, (
         "kept, not rebuilt"
     )
 
@@ -208,12 +209,12 @@ with open(path, "wb+") as f:
     subprocess.run([sys.executable, "-c", reader % path], check=True)
 os.unlink(path)
 """
-    with bench.PeakMemory(interval=0.05) as before:
+    with memory.PeakMemory(interval=0.05) as before:
         pass
-    with bench.PeakMemory(interval=0.05) as during:
+    with memory.PeakMemory(interval=0.05) as during:
         subprocess.run([sys.executable, "-c", private], check=True)
     assert during.peak - before.peak > 250 * 2**20
-    with bench.PeakMemory(interval=0.05) as during:
+    with memory.PeakMemory(interval=0.05) as during:
         subprocess.run([sys.executable, "-c", shared], check=True)
     assert 190e6 < during.peak - before.peak < 300e6, "counted once, not once per process that maps it"
 
@@ -224,10 +225,9 @@ def test_arguments():
     args = build_parser().parse_args(
         ["bench", "--modality", "image", "--modality", "text", "--n", "5", "--quick", "--json", "r.json", "--out", "o"]
     )
-    plan = bench.make_plan(args.n, args.quick, tuple(args.modality))
-    assert plan.n == {"image": 5, "audio": 5, "text": 50} and plan.modalities == ("image", "text")
-    assert not plan.whole_run, "retrieval, memory and the 10-item job run only when every modality does"
+    made = plan.make_plan(args.n, args.quick, tuple(args.modality))
+    assert made.n == {"image": 5, "audio": 5, "text": 50} and made.modalities == ("image", "text")
+    assert not made.whole_run, "retrieval, memory and the 10-item job run only when every modality does"
     assert (
-        bench.make_plan(None, True).query_rows[-1] == 100_000
-        and bench.make_plan(None, False).query_rows[-1] == 1_000_000
+        plan.make_plan(None, True).query_rows[-1] == 100_000 and plan.make_plan(None, False).query_rows[-1] == 1_000_000
     )

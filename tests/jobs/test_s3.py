@@ -18,7 +18,8 @@ import pytest
 from encoders.registry import load_encoder
 from jobs.cli import main
 from jobs.samples import SAMPLE_DIR
-from storage.query import connect, run_readonly, search
+from storage.query import connect, run_readonly
+from storage.search import search
 from storage.store import Store
 
 BUCKET = "mmembed-test"

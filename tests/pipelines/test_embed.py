@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from encoders import registry
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import load_encoder
 from pipelines import embed, ray_private, sources
 from pipelines.errors import ResourceError
@@ -166,7 +166,7 @@ def test_only_the_encoder_actor_imports_torch(tmp_path):
 import sys
 import numpy as np
 import jobs.cli, pipelines.embed, pipelines.sources, pipelines.sinks
-from encoders.model import Options
+from encoders.options import Options
 from pipelines.stages import preprocess
 for model, modality, raw in [("shapes-clip", "image", {image.read_bytes()!r}), ("whisper-tiny.en", "audio", {clip.read_bytes()!r}),
                              ("minilm-l6", "text", {text!r}), ("shapes-clip", "text", {text!r})]:

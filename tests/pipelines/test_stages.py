@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoders.model import Options
+from encoders.options import Options
 from pipelines import stages
 
 

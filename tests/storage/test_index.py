@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from storage import index
-from storage.query import QueryError, build_index, search
+from storage.query import QueryError
+from storage.search import build_index, search
 from storage.store import Store, StoreError
 
 
@@ -48,7 +49,9 @@ def test_a_fresh_index_answers_search_with_the_hnsw_scan(store, rng, monkeypatch
     assert "HNSW_INDEX_SCAN" in plan
 
     exact = [search(store.root, q, "image", "m", k=10, use_index=False) for q in vectors[:20:2]]
-    monkeypatch.setattr("storage.query._partition", lambda *a: pytest.fail("a fresh index must not load the partition"))
+    monkeypatch.setattr(
+        "storage.search._partition", lambda *a: pytest.fail("a fresh index must not load the partition")
+    )
     found = 0
     for q, want in zip(vectors[:20:2], exact):
         got = search(store.root, q * 3, "image", "m", k=10)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from storage.query import QueryError, classify, search
+from storage.query import QueryError
+from storage.search import classify, search
 from storage.store import Store
 
 
@@ -44,7 +45,7 @@ def test_search_equals_brute_force(store, rng):
 
 def test_the_float16_first_pass_finds_the_exact_top_k(tmp_path, tables, rng, monkeypatch):
     """Large partitions are scanned in float16 first; near-ties at the k-th place must not change the result."""
-    monkeypatch.setattr("storage.query.HALF_ROWS", 1)
+    monkeypatch.setattr("storage.search.HALF_ROWS", 1)
     store = Store(str(tmp_path))
     vectors = tables.unit(rng, 2000, 32)
     query = vectors[0] + 0.3 * tables.unit(rng, 1, 32)[0]
@@ -58,7 +59,7 @@ def test_the_float16_first_pass_finds_the_exact_top_k(tmp_path, tables, rng, mon
         want_ids, want_scores = brute_force(vectors, ids, q, 10)
         assert got["id"].to_pylist() == want_ids
         np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-6)
-    from storage.query import _PARTITIONS
+    from storage.search import _PARTITIONS
 
     assert _PARTITIONS[(store.root, "image", "m")].half is not None, "the float16 pass ran"
 
@@ -120,7 +121,7 @@ def test_classify_is_clips_zero_shot_softmax(store, rng, monkeypatch):
     store, ids, vectors, langs = store
     labels = ["alpha", "beta", "gamma"]
     label_vectors = rng.standard_normal((3, 16)).astype(np.float32) * [[1.0], [3.0], [0.5]]  # norms do not matter
-    monkeypatch.setattr("storage.query.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
+    monkeypatch.setattr("storage.search.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
     got = classify(store.root, label_vectors, labels, "text", "m", scale=50.0)
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     logits = 50.0 * unit(vectors) @ unit(label_vectors).T
@@ -146,7 +147,7 @@ def test_classify_is_clips_zero_shot_softmax(store, rng, monkeypatch):
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (200, 10), (7, 10)])
 def test_top_k_breaks_ties_by_row(rng, n, k):
-    from storage.query import _top_k
+    from storage.search import _top_k
 
     for _ in range(20):
         scores = rng.standard_normal(n).astype(np.float32)

@@ -1,0 +1,160 @@
+"""The references each modality is held to in the same run: the loop a transformers or sentence-transformers user
+writes, and our bare forward on pre-made inputs (the machine's ceiling)."""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from encoders import audio, image, registry, weights
+from encoders.options import Options
+from encoders.registry import load_encoder, load_inputs
+
+from .plan import WORDS, Plan, device_name, timed
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def bench_clip(name: str, clip_config: dict) -> Path:
+    """A random-weight CLIP as a transformers checkpoint (for the baseline), converted into the model home as `name`.
+
+    Built once per model home; seeded, so every build is the same model.
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from encoders.convert import convert
+    from encoders.vocab import train_tokenizer
+
+    src = registry.model_home() / "bench" / name
+    dest = registry.models_dir() / f"{name}.parquet"
+    if src.exists() and dest.exists():
+        return src
+    tmp = src.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = train_tokenizer(
+        [" ".join(WORDS)] * 4, 600
+    )  # the text tower is not benchmarked: a small vocabulary will do
+    (tmp / "tokenizer.json").write_text(tokenizer)
+    vocab = Tokenizer.from_str(tokenizer).get_vocab()
+    eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
+    text = clip_config["text_config"] | {
+        "vocab_size": len(vocab),
+        "eos_token_id": eos,
+        "bos_token_id": bos,
+        "pad_token_id": eos,
+    }
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(**(clip_config | {"text_config": text}))).save_pretrained(tmp)
+    size = clip_config["vision_config"]["image_size"]
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+    convert(tmp, dest)
+    shutil.rmtree(src, ignore_errors=True)
+    tmp.rename(src)
+    return src
+
+
+def hf_whisper_encoder(name: str):
+    """transformers' Whisper encoder with the weights of our store `name`: our converter's table, inverted."""
+    from transformers import WhisperConfig, WhisperModel
+
+    from encoders.whisper import WhisperDims, hf_table
+
+    stored = weights.load(registry.resolve(name))
+    dims = WhisperDims(**stored.config)
+    config = WhisperConfig(
+        num_mel_bins=dims.n_mels,
+        max_source_positions=dims.n_ctx,
+        d_model=dims.width,
+        encoder_layers=dims.layers,
+        encoder_attention_heads=dims.heads,
+        encoder_ffn_dim=dims.hidden,
+        decoder_layers=1,
+    )
+    state = {}
+    for ours, parts in hf_table(dims.layers).items():
+        for hf, tensor in zip(parts, stored.tensors[ours].chunk(len(parts))):
+            if hf is not None:  # None: the key bias Whisper lacks, stored as zeros
+                state[hf] = tensor.contiguous()
+    encoder = WhisperModel(config).encoder.eval()
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return round(float((a * b).sum(1).min()), 6)
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, float, np.ndarray]:
+    """The loop a transformers / sentence-transformers user writes, fp32: (what it is, items/s, embeddings)."""
+    import torch
+
+    device = device_name()
+    if modality == "text":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(registry.PACKAGED["minilm-l6"]()), device=device)
+        seconds, out = timed(lambda: model.encode(items, batch_size=batch, convert_to_numpy=True))
+        return "sentence-transformers SentenceTransformer.encode (all-MiniLM-L6-v2)", len(items) / seconds, out
+    if modality == "image":
+        from transformers import CLIPImageProcessorPil, CLIPModel
+
+        src = bench_clip(plan.clip_name, plan.clip)
+        processor = CLIPImageProcessorPil.from_pretrained(src)
+        model = CLIPModel.from_pretrained(src).eval().to(device)
+
+        def embed(chunk):
+            pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in chunk], return_tensors="pt")[
+                "pixel_values"
+            ]
+            return model.get_image_features(pixel_values=pixels.to(device)).pooler_output
+
+        what = "transformers CLIPImageProcessorPil + CLIPModel.get_image_features"
+    else:
+        from transformers import WhisperFeatureExtractor
+
+        extractor = WhisperFeatureExtractor(feature_size=80)
+        encoder = hf_whisper_encoder("whisper-tiny.en").to(device)
+
+        def embed(chunk):
+            clips = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in chunk]  # 16 kHz mono: no resampling
+            features = extractor(clips, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
+            return encoder(features.to(device)).last_hidden_state.mean(1)
+
+        what = "transformers WhisperFeatureExtractor + WhisperModel encoder (30 s windows), tiny.en weights"
+    with torch.inference_mode():
+        seconds, out = timed(lambda: torch.cat([embed(chunk).float().cpu() for chunk in batched(items, batch)]).numpy())
+    return what, len(items) / seconds, out
+
+
+def bare(model: str, modality: str, items: list, dtype: str, batch: int, reps: int) -> float:
+    """items/s of our encoder's `embed` on inputs preprocessed beforehand (after one warm-up batch)."""
+    encoder = load_encoder(model, Options(device=device_name(), dtype=dtype))
+    ready = [encoder.preprocess(modality, raw) for raw in (items * math.ceil(batch / len(items)))[:batch]]
+    encoder.embed(modality, ready)
+    seconds, _ = timed(lambda: [encoder.embed(modality, ready) for _ in range(reps)])
+    return batch * reps / seconds
+
+
+def preprocess_costs(model: str, modality: str, items: list) -> dict[str, float]:
+    """Milliseconds per item in the bench process, as a pipeline task runs it: decoding, and the whole of `preprocess`."""
+    inputs = load_inputs(model)
+    decode = {"image": image.decode, "audio": audio.decode}.get(modality)
+    decode_s = timed(lambda: [decode(raw) for raw in items])[0] if decode else 0.0
+    total_s = timed(lambda: [inputs(modality, raw) for raw in items])[0]
+    return {"decode_ms": round(1000 * decode_s / len(items), 3), "preprocess_ms": round(1000 * total_s / len(items), 3)}

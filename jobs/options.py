@@ -1,0 +1,81 @@
+"""What the commands share: the parser with one-line errors, the flags several commands take, each list of choices
+from its one source (encoders.options), and the shape of a command's help."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from encoders.options import AUDIO_MODES, DEVICES, DTYPES, MODALITIES
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `mmembed: error: ...` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
+
+
+def command(
+    sub: Subparsers,
+    name: str,
+    handler: Handler,
+    help: str,
+    example: str,
+    description: str | None = None,
+    parents: tuple[Parser, ...] = (),
+) -> Parser:
+    """A subcommand whose parse result runs `handler(args)`; its help ends with an example."""
+    parser = sub.add_parser(
+        name,
+        parents=list(parents),
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog="example:\n  " + example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _flags(*add: Callable[[Parser], object]) -> Parser:
+    parser = Parser(add_help=False)
+    for a in add:
+        a(parser)
+    return parser
+
+
+JSON = _flags(lambda p: p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table"))
+RUNTIME = _flags(
+    lambda p: p.add_argument("--dtype", choices=DTYPES, help="encoder compute dtype"),
+    lambda p: p.add_argument("--device", choices=DEVICES, help="encoder device (default: cuda when present)"),
+)
+
+
+def address(parser: Parser) -> None:
+    parser.add_argument(
+        "--address", metavar="ADDR", help="run on an existing Ray cluster (HOST:PORT, ray://..., or auto)"
+    )
+
+
+def wait_lock(parser: Parser) -> None:
+    parser.add_argument(
+        "--wait-lock", action="store_true", help="wait for another job on ROOT to finish instead of exiting"
+    )
+
+
+def modality(parser: Parser, help: str, default: str | None = None) -> None:
+    parser.add_argument("--modality", choices=MODALITIES, default=default, help=help)
+
+
+def audio_mode(parser: Parser, flag: str, help: str, default: str | None = None) -> None:
+    parser.add_argument(flag, choices=AUDIO_MODES, default=default, help=help)
+
+
+def where(parser: Parser, help: str) -> None:
+    parser.add_argument("--where", metavar="PREDICATE", help=help)
