@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import checkpoint, image
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
-from .model import TOWERS, Encoder, Item
+from .model import TOWERS, Encoder, Item, softmax_scores
 from .options import Options
 from .text import TextTokenizer
 from .vocab import BOS, EOS, clip_bpe
@@ -138,13 +138,6 @@ class CLIP(nn.Module):
         images = F.normalize(self.encode_image(pixel_values), dim=-1)
         texts = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         return self.logit_scale.exp() * images @ texts.t()
-
-
-def softmax_scores(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
-    """cosines (..., n_labels) -> the probability of each label, the labels competing (each row sums to 1)."""
-    logits = logit_scale * np.asarray(cosines, dtype=np.float64)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True)
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

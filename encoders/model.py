@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for a model that has none of its own
+
+
+def softmax_scores(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
+    """cosines (..., n_labels) -> the probability of each label, the labels competing (each row sums to 1)."""
+    logits = logit_scale * np.asarray(cosines, dtype=np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
 # what each model kind embeds
 TOWERS = {
     "clip": ("image", "text"),
@@ -119,8 +129,9 @@ class Encoder(ABC):
 
     def score(self, cosines: np.ndarray) -> np.ndarray:
         """Zero-shot classification: cosines (..., n_labels) of items with each label's text embedding -> the
-        probabilities the model was trained to give (CLIP: a softmax over the labels; SigLIP: a sigmoid per label)."""
-        raise ModelLoadError(f"model {self.name!r} ({self.kind}) has no zero-shot scores: it was not trained for them")
+        probabilities the model was trained to give (CLIP, CLAP: a softmax over the labels; SigLIP: a sigmoid per
+        label). A model trained for none (a sentence encoder) gets CLIP's softmax at CLIP's trained temperature."""
+        return softmax_scores(cosines, DEFAULT_LOGIT_SCALE)
 
     def zero_shot(self, embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
         """(n, dim) item embeddings, (labels, dim) label text embeddings -> (n, labels) probabilities, by `score`."""

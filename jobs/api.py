@@ -23,8 +23,6 @@ from storage.store import Store
 if TYPE_CHECKING:
     from .config import JobConfig
 
-DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for a model that stores none (a sentence encoder)
-
 
 @lru_cache(maxsize=8)
 def encoder(name: str) -> Encoder:
@@ -96,16 +94,17 @@ def search(
 def classify(
     root: str, labels: Sequence[str], modality: str = "image", model: str | None = None, where: str | None = None
 ) -> tuple[pa.Table, Counter]:
-    """Each item's best label by the model's text tower and its zero-shot score: -> (rows id, uri, label,
-    probability; the count of each label)."""
+    """Each item's best label by the model's text tower and its own zero-shot score (`Encoder.score`): -> (rows id,
+    uri, label, cosine, probability; the count of each label)."""
     labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
     if len(labels) < 2:
         raise QueryError(f"classification needs at least two labels, got {labels}")
     store = open_store(root)
     model = pick_model(store, modality, "text", model)
     text_encoder = encoder(model)
-    scale = getattr(text_encoder, "logit_scale", DEFAULT_LOGIT_SCALE)
-    result = classify_rows(root, text_encoder.encode("text", labels), labels, modality, model, scale, where=where)
+    result = classify_rows(
+        root, text_encoder.encode("text", labels), labels, modality, model, text_encoder.score, where=where
+    )
     counts = Counter(result["label"].to_pylist())
     return result, Counter({label: counts[label] for label in labels})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -169,15 +169,16 @@ def classify(
     labels: Sequence[str],
     modality: str,
     model: str,
-    scale: float,
+    score: Callable[[np.ndarray], np.ndarray],
     where: str | None = None,
     params: Sequence | dict | None = None,
 ) -> pa.Table:
-    """Zero-shot classification of one modality and model's rows: each row's best label and its probability,
-    a softmax over `scale` x the cosine similarity to every label vector (CLIP's zero-shot rule).
+    """Zero-shot classification of one modality and model's rows: each row's best label, its cosine similarity
+    to that label, and its probability by the model's own rule, `score(cosines (rows, labels)) -> probabilities`
+    (CLIP: a softmax over the labels; SigLIP: a sigmoid per label).
 
     `label_vectors` is (labels, dim), as the model's text tower embeds the labels; `where` as for `search`.
-    Returns columns id, uri, label, probability, in the partition's row order.
+    Returns columns id, uri, label, cosine, probability, in the partition's row order.
     """
     check_modality(modality)
     vectors = np.asarray(label_vectors, dtype=np.float32)
@@ -191,19 +192,21 @@ def classify(
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     rows = np.arange(len(part.matrix)) if where is None else _candidates(part, where, params)
     best = np.empty(len(rows), dtype=np.int64)
+    cosine = np.empty(len(rows), dtype=np.float32)
     probability = np.empty(len(rows), dtype=np.float32)
     for start in range(0, len(rows), CLASSIFY_CHUNK):
-        logits = scale * (part.matrix[rows[start : start + CLASSIFY_CHUNK]] @ vectors.T)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        best[start : start + len(p)] = p.argmax(1)
-        probability[start : start + len(p)] = p.max(1)
+        cosines = part.matrix[rows[start : start + CLASSIFY_CHUNK]] @ vectors.T
+        p = score(cosines)
+        chunk = slice(start, start + len(p))
+        best[chunk] = p.argmax(1)
+        cosine[chunk] = np.take_along_axis(cosines, best[chunk, None], 1)[:, 0]
+        probability[chunk] = p.max(1)
     return pa.table(
         {
             "id": part.labels["id"].take(rows),
             "uri": part.labels["uri"].take(rows),
             "label": pa.array(labels, pa.string()).take(best),
+            "cosine": pa.array(cosine, pa.float32()),
             "probability": pa.array(probability, pa.float32()),
         }
     )

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil
 
 from encoders import registry
-from encoders.clip import ClipEncoder, softmax_scores
+from encoders.clip import ClipEncoder
 from encoders.convert import convert, detect
 from encoders.errors import ConversionError
+from encoders.model import softmax_scores
 from encoders.openclip import convert as convert_openclip
 from encoders.validate import open_clip_modules, open_clip_pixels, validate
 
