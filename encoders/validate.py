@@ -83,6 +83,17 @@ class ValidationReport:
             "examples": [{"modality": e.modality, "label": e.label, "cosine": e.cosine} for e in self.examples],
         }
 
+    def __str__(self) -> str:
+        """One line per example (its cosine, and whether it reaches the threshold), then the verdict."""
+        width = max(len(e.label) for e in self.examples)
+        lines = [f"{self.name} ({self.kind}) against {self.reference}, cosine >= {self.threshold} on every example:"]
+        lines += [
+            f"  {'ok  ' if e.cosine >= self.threshold else 'FAIL'} {e.modality:<5} {e.label:<{width}}  {e.cosine:.6f}"
+            for e in self.examples
+        ]
+        verdict = "PASS" if self.passed else "FAIL"
+        return "\n".join([*lines, f"{verdict}: lowest cosine {self.min_cosine:.6f} over {len(self.examples)} examples"])
+
 
 def _require(module: str, package: str) -> ModuleType:
     try:
