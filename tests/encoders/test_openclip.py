@@ -8,13 +8,11 @@ CLIPImageProcessor where the two agree on the crop."""
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil
 
 from encoders import registry
@@ -24,6 +22,7 @@ from encoders.errors import ConversionError
 from encoders.model import softmax_scores
 from encoders.openclip import convert as convert_openclip
 from encoders.validate import open_clip_modules, open_clip_pixels, validate
+from tests.releases import CONTEXT, model_cfg, write_openclip
 
 IMAGES = ["astronaut.png", "coffee.png", "camera.png", "rocket.jpg", "motorcycle_left.png"]  # RGB, grey; no alpha
 PROMPTS = [
@@ -34,7 +33,6 @@ PROMPTS = [
     "x",
     " ".join(f"sentence {i} keeps going" for i in range(20)),  # past the context length
 ]
-CONTEXT = 24
 
 
 @pytest.fixture(scope="module")
@@ -45,35 +43,6 @@ def open_clip():
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
     return (a * b).sum(1)
-
-
-def model_cfg(image_size=28, patch=7, quick_gelu=True, **text) -> dict:
-    return dict(
-        embed_dim=24,
-        quick_gelu=quick_gelu,
-        vision_cfg=dict(image_size=image_size, patch_size=patch, width=48, layers=2, head_width=16, mlp_ratio=2.5),
-        text_cfg=dict(context_length=CONTEXT, vocab_size=49408, width=40, heads=5, layers=2) | text,
-    )
-
-
-def write_openclip(open_clip, path: Path, cfg: dict, preprocess_cfg: dict, weights="open_clip_model.safetensors"):
-    """An OpenCLIP directory as open_clip's save_for_hf writes it, with a seeded random model (noise on every weight,
-    so no bias is 0 and no LN is 1); -> the open_clip model."""
-    cfg = json.loads(json.dumps(cfg))
-    cls = open_clip.model.CustomTextCLIP if cfg.get("custom_text") else open_clip.model.CLIP
-    torch.manual_seed(0)
-    model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if weights.endswith(".safetensors"):
-        save_file(state, path / weights)
-    else:
-        torch.save(state, path / weights)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}))
-    return model
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ directories laid out as the releases are (config.json, model.safetensors, prepro
 for SigLIP or a Gemma tokenizer.json for SigLIP 2)."""
 
 import io
-import itertools
 import json
 from pathlib import Path
 
@@ -15,9 +14,7 @@ from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import (
     GemmaTokenizer,
     Siglip2Tokenizer,
-    SiglipConfig,
     SiglipImageProcessorPil,
-    SiglipModel,
     SiglipTokenizer,
 )
 
@@ -27,6 +24,7 @@ from encoders.errors import ConversionError, ModelLoadError
 from encoders.model import Options
 from encoders.siglip import SigLIP, SiglipDims, SiglipEncoder, convert_hf, sigmoid_scores
 from encoders.validate import validate
+from tests.releases import CAPTIONS, hf_siglip, save_release, train_spiece
 
 IMAGES = ["astronaut.png", "coffee.png", "camera.png", "rocket.jpg", "logo.png"]  # RGB, grey, RGBA, non-square
 PROMPTS = [
@@ -55,35 +53,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
-CAPTIONS = [
-    f"a photo of a {c} {t} {p}"
-    for c, t, p in itertools.product(
-        ["red", "green", "blue", "yellow", "purple", "black", "white", "grey"],
-        ["circle", "square", "star", "cat", "dog", "horse", "car", "house", "tree", "boat"],
-        ["on a table", "in the snow", "at the beach", "in a forest", "next to a window", "in the city"],
-    )
-]
-
-
 @pytest.fixture(scope="session")
 def spiece_model(tmp_path_factory) -> Path:
-    """A unigram SentencePiece model laid out as T5's (pad 0, EOS 1, unk 2, no BOS), as SigLIP's spiece.model is."""
-    import sentencepiece
-
-    prefix = tmp_path_factory.mktemp("spiece") / "spiece"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CAPTIONS + ["The quick brown fox jumps over the lazy dog."]),
-        model_prefix=str(prefix),
-        vocab_size=120,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return prefix.with_suffix(".model")
+    return train_spiece(tmp_path_factory.mktemp("spiece"))
 
 
 @pytest.fixture(scope="session")
@@ -107,48 +79,6 @@ def gemma_files(tmp_path_factory) -> Path:
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": False, "add_eos_token": True}))
-    return path
-
-
-def hf_siglip(vocab: int, image_size=30, patch=10, act="gelu_pytorch_tanh", vision=(40, 2, 4, 68), text=(36, 2, 3, 72)):
-    """A transformers SiglipModel with random weights: HF's init plus noise, so that no bias is 0 and no LN is 1."""
-    width, layers, heads, mlp = vision
-    vision_config = dict(
-        hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp, hidden_act=act
-    )
-    twidth, layers, heads, mlp = text
-    text_config = dict(
-        hidden_size=twidth,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=mlp,
-        hidden_act=act,
-        vocab_size=vocab,
-        max_position_embeddings=16,
-        projection_size=width,
-    )
-    config = SiglipConfig(
-        text_config=text_config, vision_config=vision_config | dict(image_size=image_size, patch_size=patch)
-    )
-    torch.manual_seed(0)
-    model = SiglipModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
-def save_release(model: SiglipModel, path: Path, tokenizer: Path, resample: int = 3) -> Path:
-    """`model` saved as a SigLIP release: spiece.model through SiglipTokenizer, or the Gemma tokenizer files."""
-    model.save_pretrained(path)
-    length = model.config.text_config.max_position_embeddings
-    if tokenizer.suffix == ".model":
-        SiglipTokenizer(str(tokenizer), model_max_length=length).save_pretrained(path)
-    else:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (path / name).write_text((tokenizer / name).read_text())
-    size = model.config.vision_config.image_size
-    SiglipImageProcessorPil(size={"height": size, "width": size}, resample=resample).save_pretrained(path)
     return path
 
 
