@@ -102,14 +102,24 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
+        from . import int8
         from .onednn import computes
 
-        if self.options.torch_device.type == "cpu" and not computes(self.options.torch_dtype):
+        cpu = self.options.torch_device.type == "cpu"
+        if cpu and not computes(self.options.torch_dtype):
             log.warning(
                 f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
                 "expect it several times slower than float32"
             )
-        return self.build(self.stored)
+        if self.options.dtype != "int8":
+            return self.build(self.stored)
+        if cpu and not int8.cpu_has_vnni():
+            log.warning(
+                f"{self.name}: this CPU has no int8 dot-product instructions (VNNI): int8 runs no faster than float32"
+            )
+        if not cpu:
+            raise ModelLoadError(f"{self.name}: dtype int8 runs on the CPU only")
+        return int8.quantize(self.build(self.stored))
 
     @abstractmethod
     def build(self, stored: StoredModel) -> torch.nn.Module:
