@@ -52,6 +52,7 @@ def search(
     params: Sequence | dict | None = None,
     use_index: bool = True,
     ef_search: int | None = None,
+    details: bool = False,
 ) -> pa.Table:
     """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
 
@@ -60,7 +61,9 @@ def search(
     A whole-partition search uses the partition's HNSW index when a fresh one exists (see
     `build_index`; approximate, with `ef_search` candidates) unless `use_index` is False;
     otherwise the search is exact.
-    Returns columns id, uri, modality, model, score.
+    Returns columns id, uri, modality, model, score; with `details`, also `source` and `columns`, a struct of
+    the row's other file columns (passthrough ones), from the cached partition: an HNSW index keeps only ids and
+    uris, so a search with details is always exact.
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
@@ -69,7 +72,8 @@ def search(
     if ef_search is not None and ef_search < 1:
         raise QueryError(f"ef_search must be positive, not {ef_search}")
     store = open_store(root)
-    hnsw = index.fresh(store, modality, model, _files(store, modality, model)) if use_index and where is None else None
+    exact = details or where is not None or not use_index
+    hnsw = None if exact else index.fresh(store, modality, model, _files(store, modality, model))
     part = None if hnsw else _partition(store, modality, model)
     query = _unit(vector, hnsw.dim if hnsw else part.matrix.shape[1], model)
     if hnsw:
@@ -78,7 +82,7 @@ def search(
         top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
         ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
     n = len(ids)
-    return pa.table(
+    table = pa.table(
         {
             "id": ids,
             "uri": uris,
@@ -87,6 +91,37 @@ def search(
             "score": pa.array(scores, pa.float32()),
         }
     )
+    return _with_details(part, top, table) if details else table
+
+
+# -- what the search page needs (jobs/serve): the rows' other columns, a stored row's vector ---------------------
+
+STORED = ("id", "uri", "source", "content_hash", "embedding", "model_digest", "job_id", "created_at", "_row")
+
+
+def _with_details(part: _Partition, top: np.ndarray, table: pa.Table) -> pa.Table:
+    """`table` (the rows `top` of `part`) with their `source` and a struct `columns` of the passthrough ones."""
+    with part.con.cursor() as cursor:
+        found = cursor.execute(
+            "SELECT * FROM candidates WHERE _row IN (SELECT unnest(?::BIGINT[]))", [top.tolist()]
+        ).to_arrow_table()
+    at = dict(zip(found["_row"].to_pylist(), range(found.num_rows)))
+    found = found.take(pa.array([at[int(r)] for r in top], pa.int64()))
+    extra = [n for n in found.column_names if n not in STORED]
+    columns = (
+        pa.StructArray.from_arrays([found[n].combine_chunks() for n in extra], names=extra)
+        if extra
+        else pa.array([{}] * len(top), pa.struct([]))
+    )
+    return table.append_column("source", found["source"]).append_column("columns", columns)
+
+
+def stored_vector(root: str, modality: str, model: str, source: str, id_: str) -> np.ndarray | None:
+    """The unit vector of the newest row (source, id) of one partition, from the cached matrix; None if none."""
+    part = _partition(open_store(root), modality, model)
+    with part.con.cursor() as cursor:
+        rows = cursor.execute("SELECT _row FROM candidates WHERE source = ? AND id = ?", [source, id_]).fetchall()
+    return part.matrix[rows[0][0]].copy() if rows else None
 
 
 def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
