@@ -29,10 +29,10 @@ from starlette.requests import Request
 from encoders.errors import MmembedError
 
 from .. import api
-from .routes import JSONOut, routes
+from .routes import INTERNAL, JSONOut, error, routes
 from .thumbnails import Thumbnails
 
-log = logging.getLogger("mmembed.serve")
+log = logging.getLogger("mmembed.serve")  # the routes' logger too
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class TooLarge(MmembedError):
     """A request body is over the server's limit."""
 
 
-def error(status: int, message: str) -> JSONOut:
-    return JSONOut({"error": message, "status": status}, status_code=status)
-
-
 async def _user_error(request: Request, exc: Exception) -> JSONOut:
     status = 413 if isinstance(exc, TooLarge) else 404 if isinstance(exc, api.ItemNotFound) else 400
     return error(status, str(exc))
@@ -64,8 +60,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONOut:
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONOut:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return error(500, "internal server error (the server's log has the details)")
+    """The last resort, outside any endpoint (`routes.guarded` answers within them); Starlette re-raises the
+    exception to uvicorn after this answer, which logs it."""
+    return error(500, INTERNAL)
 
 
 class BodyLimit:
@@ -154,7 +151,11 @@ def url(sock: socket.socket) -> str:
 
 
 def serve(root: str, host: str = "127.0.0.1", port: int = 8088, limits: Limits = Limits()) -> None:
-    """Serve the store at `root` until interrupted."""
+    """Serve the store at `root` until interrupted; logs (requests, loaded models, failures) go to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     app = create_app(root, limits)
     sock = listen(host, port)
     print(f"mmembed: serving {app.state.root} at {url(sock)} (Ctrl-C stops)", file=sys.stderr)

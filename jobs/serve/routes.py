@@ -11,23 +11,29 @@ a worker thread (the library is synchronous: encoders, DuckDB, numpy).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from encoders.errors import MmembedError
 from encoders.options import MODALITIES
 from pipelines.sources import modality_of
 from storage.query import QueryError
 
 from .. import api, output
 
+log = logging.getLogger("mmembed.serve")
 STATIC = Path(__file__).parent / "static"
+INTERNAL = "internal server error (the server's log has the details)"
 FIELDS = ("text", "item", "modality", "model", "k", "where")
 MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
 
@@ -40,13 +46,30 @@ def routes() -> list:
     return [
         Route("/", _page("index.html")),
         Route("/errors", _page("errors.html")),
-        Route("/search", search, methods=["POST"]),
-        Route("/items/{key}", item),
-        Route("/media/{key}", media),
-        Route("/thumbs/{key}", thumb),
-        Route("/stats", stats),
+        Route("/search", guarded(search), methods=["POST"]),
+        Route("/items/{key}", guarded(item)),
+        Route("/media/{key}", guarded(media)),
+        Route("/thumbs/{key}", guarded(thumb)),
+        Route("/stats", guarded(stats)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+
+
+def guarded(endpoint):
+    """`endpoint`, with anything but the caller's errors (MmembedError, HTTPException: the app's handlers answer
+    those) logged with its traceback and answered as a plain 500, on a connection that stays usable."""
+
+    @functools.wraps(endpoint)
+    async def run(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (MmembedError, HTTPException):
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error(500, INTERNAL)
+
+    return run
 
 
 def _page(name: str):
@@ -61,6 +84,10 @@ class JSONOut(JSONResponse):
 
     def render(self, content) -> bytes:
         return output.to_json(content).encode()
+
+
+def error(status: int, message: str) -> JSONOut:
+    return JSONOut({"error": message, "status": status}, status_code=status)
 
 
 def _json(content, status: int = 200) -> Response:
