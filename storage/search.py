@@ -29,9 +29,10 @@ class _Partition:
 
     files: tuple[str, ...]
     matrix: np.ndarray  # (rows, dim) float32, each row L2-normalised
-    labels: pa.Table  # id, uri of each matrix row
+    labels: pa.Table  # id, uri, source of each matrix row
     con: duckdb.DuckDBPyConnection  # table `candidates`: every file column but the embedding, and `_row`
     half: torch.Tensor | None = None  # the matrix in float16, for the first pass over a large partition
+    extra: tuple[str, ...] = ()  # the file columns beyond the store's own (passthrough), for searches with details
 
 
 HALF_ROWS = 200_000  # from this many rows, a search scans a float16 copy first: the scan is bound by memory traffic
@@ -101,19 +102,22 @@ STORED = ("id", "uri", "source", "content_hash", "embedding", "model_digest", "j
 
 def _with_details(part: _Partition, top: np.ndarray, table: pa.Table) -> pa.Table:
     """`table` (the rows `top` of `part`) with their `source` and a struct `columns` of the passthrough ones."""
-    with part.con.cursor() as cursor:
-        found = cursor.execute(
-            "SELECT * FROM candidates WHERE _row IN (SELECT unnest(?::BIGINT[]))", [top.tolist()]
-        ).to_arrow_table()
-    at = dict(zip(found["_row"].to_pylist(), range(found.num_rows)))
-    found = found.take(pa.array([at[int(r)] for r in top], pa.int64()))
-    extra = [n for n in found.column_names if n not in STORED]
-    columns = (
-        pa.StructArray.from_arrays([found[n].combine_chunks() for n in extra], names=extra)
-        if extra
-        else pa.array([{}] * len(top), pa.struct([]))
-    )
-    return table.append_column("source", found["source"]).append_column("columns", columns)
+    columns = pa.array([{}] * len(top), pa.struct([]))
+    if part.extra:
+        with part.con.cursor() as cursor:
+            found = cursor.execute(
+                f"SELECT _row, {', '.join(_ident(n) for n in part.extra)} FROM candidates "
+                "WHERE _row IN (SELECT unnest(?::BIGINT[]))",
+                [top.tolist()],
+            ).to_arrow_table()
+        at = dict(zip(found["_row"].to_pylist(), range(found.num_rows)))
+        found = found.take(pa.array([at[int(r)] for r in top], pa.int64()))
+        columns = pa.StructArray.from_arrays([found[n].combine_chunks() for n in part.extra], names=list(part.extra))
+    return table.append_column("source", part.labels["source"].take(top)).append_column("columns", columns)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def stored_vector(root: str, modality: str, model: str, source: str, id_: str) -> np.ndarray | None:
@@ -311,4 +315,5 @@ def _load(store: Store, files: tuple[str, ...]) -> _Partition:
         import torch
 
         half = torch.from_numpy(matrix).half()
-    return _Partition(files, matrix, meta.select(["id", "uri"]), con, half)
+    extra = tuple(n for n in meta.column_names if n not in STORED)
+    return _Partition(files, matrix, meta.select(["id", "uri", "source"]), con, half, extra)

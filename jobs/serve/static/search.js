@@ -65,11 +65,12 @@ function card(hit) {
   const media = mediaOf(hit, like);
   const parts = [media];
   if (hit.transcript) parts.push(el("p", { class: "transcript" }, hit.transcript));
-  const time = hit.frame_time ?? (hit.columns || {}).frame_time;
+  const time = hit.frame_time ?? (hit.columns || {}).frame_time;  // a video frame's time, once video exists
+  const name = hit.id.split("/").pop();
   const meta = el("div", { class: "meta" },
     el("span", { class: "score", title: "cosine similarity" }, hit.score.toFixed(3)),
     el("span", { class: "id", title: `${hit.id}\n${hit.uri || ""}\n${hit.model}` },
-      time !== undefined && time !== null ? `${hit.id} @ ${Number(time).toFixed(1)} s` : hit.id));
+      time !== undefined && time !== null ? `${name} @ ${Number(time).toFixed(1)} s` : name));
   parts.push(meta, el("button", { type: "button", class: "like", onclick: like }, "more like this"));
   return el("article", { class: `hit ${hit.modality}`, dataset: { key: hit.key, modality: hit.modality } }, ...parts);
 }
