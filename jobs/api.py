@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -142,6 +143,7 @@ def run_job(cfg: JobConfig, **kwargs) -> dict:
 KEY_CHARS = 16  # hex digits of sha256: 64 bits, so a collision among 10^8 items has odds of about 1 in 4000
 _KEY = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
 _ITEMS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str, str]]]] = {}
+_CONNECTIONS: dict[str, tuple[tuple[str, ...], duckdb.DuckDBPyConnection]] = {}
 _ITEMS_LOCK = threading.Lock()
 
 
@@ -170,14 +172,25 @@ def transcripts(store: Store, rows: pa.Table) -> pa.Table:
     return rows.append_column("transcript", pa.nulls(n, pa.string())).append_column("segment", pa.nulls(n, segment))
 
 
+def _read(store: Store, statement: str, params: list | None = None) -> pa.Table:
+    """A read-only statement on one connection per store, rebuilt when a commit changes the store; statements on
+    it run one at a time (a DuckDB connection is not for concurrent use, and its views do not reach its cursors)."""
+    version = tuple(store.committed_files("embeddings")) + tuple(store.committed_files("errors"))
+    with _ITEMS_LOCK:
+        cached = _CONNECTIONS.get(store.root)
+        if cached is None or cached[0] != version:
+            cached = _CONNECTIONS[store.root] = (version, connect(store.root))
+        return run_readonly(cached[1], statement, params)
+
+
 def _items(store: Store) -> dict[str, tuple[str, str, str]]:
     """key -> (modality, source, id) of every item with an embedding, rebuilt when a commit changes the store."""
     version = tuple(store.committed_files("embeddings"))
-    with _ITEMS_LOCK:
-        cached = _ITEMS.get(store.root)
-        if cached is None or cached[0] != version:
-            found = connect(store.root).execute("SELECT DISTINCT modality, source, id FROM embeddings").fetchall()
-            cached = _ITEMS[store.root] = (version, {item_key(*row): row for row in found})
+    cached = _ITEMS.get(store.root)
+    if cached is None or cached[0] != version:
+        found = _read(store, "SELECT DISTINCT modality, source, id FROM embeddings").to_pylist()
+        rows = [(r["modality"], r["source"], r["id"]) for r in found]
+        cached = _ITEMS[store.root] = (version, {item_key(*row): row for row in rows})
     return cached[1]
 
 
@@ -188,8 +201,8 @@ def item(root: str, key: str) -> dict:
     found = _items(store).get(key) if _KEY.fullmatch(key) else None
     if found is None:
         raise ItemNotFound(f"no item with key {key[:40]!r} in {store.root}")
-    rows = run_readonly(
-        connect(root),
+    rows = _read(
+        store,
         "SELECT * EXCLUDE (embedding) FROM embeddings WHERE modality = ? AND source = ? AND id = ? "
         "ORDER BY created_at DESC, model",
         list(found),

@@ -14,7 +14,7 @@ async function loadStats() {
   link.textContent = `errors (${stats.errors.total})`;
   const modalities = [...new Set(partitions.map((p) => p.modality))];
   for (const m of modalities) {
-    const rows = partitions.filter((p) => p.modality === m).reduce((n, p) => n + p.rows, 0);
+    const rows = Math.max(...partitions.filter((p) => p.modality === m).map((p) => p.rows));
     pickers.modality.append(el("option", { value: m }, `${m} (${rows})`));
   }
   fillModels();
@@ -28,8 +28,12 @@ function fillModels() {
   if (models.includes(chosen)) pickers.model.value = chosen;
 }
 
-function fields() {
-  const out = { modality: pickers.modality.value, model: pickers.model.value, k: document.getElementById("k").value };
+// Modality "auto": a typed query searches the images where the store has any (finding pictures by words is what a
+// search box is for), else the texts; a file or a result searches its own modality.
+function fields(typed) {
+  let modality = pickers.modality.value;
+  if (!modality && typed) modality = partitions.some((p) => p.modality === "image") ? "image" : "text";
+  const out = { modality, model: pickers.model.value, k: document.getElementById("k").value };
   const where = document.getElementById("where").value.trim();
   if (where) out.where = where;
   return out;
@@ -93,12 +97,12 @@ function searchLike(hit) {
   pickers.modality.value = hit.modality;
   fillModels();
   pickers.model.value = hit.model;
-  search({ ...fields(), item: hit.key }, `items like ${hit.id}`);
+  search({ ...fields(false), item: hit.key }, `items like ${hit.id}`);
 }
 
 function searchFile(file) {
   const body = new FormData();
-  for (const [name, value] of Object.entries(fields())) body.append(name, value);
+  for (const [name, value] of Object.entries(fields(false))) body.append(name, value);
   body.append("file", file, file.name);
   search(body, file.name);
 }
@@ -107,9 +111,9 @@ form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = document.getElementById("q").value.trim();
   if (!text) return setStatus("type something to search for", true);
-  const params = new URLSearchParams({ q: text, ...fields() });
+  const params = new URLSearchParams({ q: text, ...fields(false) });
   history.replaceState(null, "", `?${params}`);
-  search({ ...fields(), text }, `"${text}"`);
+  search({ ...fields(true), text }, `"${text}"`);
 });
 pickers.modality.addEventListener("change", fillModels);
 

@@ -132,6 +132,12 @@ def test_a_typed_query_shows_the_apis_results_with_thumbnails(browser, served, t
     from selenium.webdriver.support.ui import Select
 
     _open(browser, served)
+    # modality "auto": typed words search the pictures
+    browser.find_element(By.ID, "q").send_keys("a red circle", Keys.ENTER)
+    assert len(_results(browser)) == 10  # every image: the page asks for 12
+    assert "from image / shapes-clip" in browser.find_element(By.ID, "status").text
+    browser.find_element(By.ID, "q").clear()
+
     Select(browser.find_element(By.ID, "modality")).select_by_value("image")
     assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == ["auto", "shapes-clip"]
     k = browser.find_element(By.ID, "k")
