@@ -280,24 +280,19 @@ def media(root: str, key: str) -> Media:
 def stats(root: str, errors: int = 200) -> dict:
     """Embedding counts per modality and model, error counts per modality, model, stage and type, and the newest
     `errors` error rows."""
-    embeddings = sql(
-        root,
+    store = open_store(root)
+    embeddings = _read(
+        store,
         "SELECT modality, model, any_value(dim) AS dim, count(*) AS rows FROM embeddings GROUP BY ALL ORDER BY ALL",
-    )
-    error_counts = sql(
-        root, "SELECT modality, model, stage, error_type, count(*) AS rows FROM errors GROUP BY ALL ORDER BY ALL"
-    )
-    newest = sql(
-        root,
+    ).to_pylist()
+    counts = _read(
+        store, "SELECT modality, model, stage, error_type, count(*) AS rows FROM errors GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    newest = _read(
+        store,
         "SELECT id, uri, source, modality, model, stage, error_type, message, job_id, created_at FROM errors "
-        f"ORDER BY created_at DESC, id LIMIT {int(errors)}",
-    )
-    return {
-        "root": open_store(root).root,
-        "embeddings": embeddings.to_pylist(),
-        "errors": {
-            "total": sum(r["rows"] for r in error_counts.to_pylist()),
-            "counts": error_counts.to_pylist(),
-            "rows": newest.to_pylist(),
-        },
-    }
+        "ORDER BY created_at DESC, id LIMIT ?",
+        [int(errors)],
+    ).to_pylist()
+    total = sum(r["rows"] for r in counts)
+    return {"root": store.root, "embeddings": embeddings, "errors": {"total": total, "counts": counts, "rows": newest}}

@@ -288,6 +288,16 @@ def test_passthrough_columns_and_keys_unique_across_sources(notes):
     assert _search(notes, item=same_id[0], k=1)["results"][0]["key"] == same_id[0]
 
 
+def test_concurrent_searches_get_the_answers_of_sequential_ones(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"text": t, "modality": "image", "k": 3} for t in ("a red circle", "a blue square", "a green star")] * 3
+    alone = [[h["key"] for h in _search(client, **b)["results"]] for b in bodies[:3]]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: [h["key"] for h in _search(client, **b)["results"]], bodies))
+    assert together == alone * 3
+
+
 def test_serving_wrote_nothing_to_the_store(client, server):
     assert client.get("/stats").status_code == 200
     assert _tree(server[1]) == server[2]
