@@ -4,8 +4,10 @@ written directly with passthrough columns, two sources sharing an id, and media 
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +24,12 @@ TEXTS = ["caption_red_circle", "photo_coffee", "speech_cat"]
 
 
 @pytest.fixture(scope="session")
-def demo_store(tmp_path_factory, ray_session) -> str:
-    """The sample subset (9 shapes, 1 photo, 3 clips, 3 texts, 1 broken PNG) embedded by the default models."""
+def demo_store(tmp_path_factory, request) -> str:
+    """The sample subset (9 shapes, 1 photo, 3 clips, 3 texts, 1 broken PNG) embedded by the default models; or the
+    store MMEMBED_TEST_DEMO_STORE names (the whole demo's: only the page tests hold there)."""
+    if os.environ.get("MMEMBED_TEST_DEMO_STORE"):
+        return str(Path(os.environ["MMEMBED_TEST_DEMO_STORE"]).resolve())
+    request.getfixturevalue("ray_session")
     media = tmp_path_factory.mktemp("serve-media")
     for folder, names, ext in (("shapes", SHAPES, "png"), ("speech", SPEECH, "flac"), ("texts", TEXTS, "txt")):
         (media / folder).mkdir()
