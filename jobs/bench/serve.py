@@ -56,9 +56,13 @@ def measure_serve(plan: Plan, work: Path, rows: int = 100_000, queries: int = 50
         "model": model,
         "queries": queries,
         "first_request_s": round(first, 3),
-        "client_ms": percentiles(client_s),
-        "library_ms": percentiles(library_s),
-        "encode_ms": percentiles(encode_s),
-        "search_ms": percentiles(search_s),
-        "client_min_ms": round(min(client_s) * 1000, 1),
+        **{
+            f"{name}_ms": {**percentiles(seconds), "min": round(min(seconds) * 1000, 2)}
+            for name, seconds in (
+                ("client", client_s),
+                ("library", library_s),
+                ("encode", encode_s),
+                ("search", search_s),
+            )
+        },
     }
