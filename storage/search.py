@@ -29,9 +29,10 @@ class _Partition:
 
     files: tuple[str, ...]
     matrix: np.ndarray  # (rows, dim) float32, each row L2-normalised
-    labels: pa.Table  # id, uri of each matrix row
+    labels: pa.Table  # id, uri, source of each matrix row
     con: duckdb.DuckDBPyConnection  # table `candidates`: every file column but the embedding, and `_row`
     half: torch.Tensor | None = None  # the matrix in float16, for the first pass over a large partition
+    extra: tuple[str, ...] = ()  # the file columns beyond the store's own (passthrough), for searches with details
 
 
 HALF_ROWS = 200_000  # from this many rows, a search scans a float16 copy first: the scan is bound by memory traffic
@@ -52,6 +53,7 @@ def search(
     params: Sequence | dict | None = None,
     use_index: bool = True,
     ef_search: int | None = None,
+    details: bool = False,
 ) -> pa.Table:
     """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
 
@@ -60,7 +62,9 @@ def search(
     A whole-partition search uses the partition's HNSW index when a fresh one exists (see
     `build_index`; approximate, with `ef_search` candidates) unless `use_index` is False;
     otherwise the search is exact.
-    Returns columns id, uri, modality, model, score.
+    Returns columns id, uri, modality, model, score; with `details`, also `source` and `columns`, a struct of
+    the row's other file columns (passthrough ones), from the cached partition: an HNSW index keeps only ids and
+    uris, so a search with details is always exact.
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
@@ -69,7 +73,8 @@ def search(
     if ef_search is not None and ef_search < 1:
         raise QueryError(f"ef_search must be positive, not {ef_search}")
     store = open_store(root)
-    hnsw = index.fresh(store, modality, model, _files(store, modality, model)) if use_index and where is None else None
+    exact = details or where is not None or not use_index
+    hnsw = None if exact else index.fresh(store, modality, model, _files(store, modality, model))
     part = None if hnsw else _partition(store, modality, model)
     query = _unit(vector, hnsw.dim if hnsw else part.matrix.shape[1], model)
     if hnsw:
@@ -78,7 +83,7 @@ def search(
         top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
         ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
     n = len(ids)
-    return pa.table(
+    table = pa.table(
         {
             "id": ids,
             "uri": uris,
@@ -87,6 +92,40 @@ def search(
             "score": pa.array(scores, pa.float32()),
         }
     )
+    return _with_details(part, top, table) if details else table
+
+
+# -- what the search page needs (jobs/serve): the rows' other columns, a stored row's vector ---------------------
+
+STORED = ("id", "uri", "source", "content_hash", "embedding", "model_digest", "job_id", "created_at", "_row")
+
+
+def _with_details(part: _Partition, top: np.ndarray, table: pa.Table) -> pa.Table:
+    """`table` (the rows `top` of `part`) with their `source` and a struct `columns` of the passthrough ones."""
+    columns = pa.array([{}] * len(top), pa.struct([]))
+    if part.extra:
+        with part.con.cursor() as cursor:
+            found = cursor.execute(
+                f"SELECT _row, {', '.join(_ident(n) for n in part.extra)} FROM candidates "
+                "WHERE _row IN (SELECT unnest(?::BIGINT[]))",
+                [top.tolist()],
+            ).to_arrow_table()
+        at = dict(zip(found["_row"].to_pylist(), range(found.num_rows)))
+        found = found.take(pa.array([at[int(r)] for r in top], pa.int64()))
+        columns = pa.StructArray.from_arrays([found[n].combine_chunks() for n in part.extra], names=list(part.extra))
+    return table.append_column("source", part.labels["source"].take(top)).append_column("columns", columns)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def stored_vector(root: str, modality: str, model: str, source: str, id_: str) -> np.ndarray | None:
+    """The unit vector of the newest row (source, id) of one partition, from the cached matrix; None if none."""
+    part = _partition(open_store(root), modality, model)
+    with part.con.cursor() as cursor:
+        rows = cursor.execute("SELECT _row FROM candidates WHERE source = ? AND id = ?", [source, id_]).fetchall()
+    return part.matrix[rows[0][0]].copy() if rows else None
 
 
 def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
@@ -279,4 +318,5 @@ def _load(store: Store, files: tuple[str, ...]) -> _Partition:
         import torch
 
         half = torch.from_numpy(matrix).half()
-    return _Partition(files, matrix, meta.select(["id", "uri"]), con, half)
+    extra = tuple(n for n in meta.column_names if n not in STORED)
+    return _Partition(files, matrix, meta.select(["id", "uri", "source"]), con, half, extra)
