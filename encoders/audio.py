@@ -22,8 +22,6 @@ from functools import cache, lru_cache
 
 import numpy as np
 import scipy.fft
-import soundfile as sf
-import soxr
 
 from .errors import AudioValidationError
 
@@ -49,6 +47,9 @@ def settings(n_mels: int) -> dict:
 
 def decode(data: bytes, rate: int = SAMPLE_RATE) -> np.ndarray:
     """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at `rate` Hz (Whisper's SAMPLE_RATE unless given)."""
+    import soundfile as sf  # imported where decoding happens: a process that only runs networks (the GPU check) has none
+    import soxr
+
     if not data:
         raise AudioValidationError("empty audio (0 bytes)")
     try:

@@ -13,17 +13,16 @@
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soundfile as sf
 from PIL import Image
+
+from encoders import audio
 
 from .shapes import render as shapes
 
@@ -105,11 +104,12 @@ def write_photos(out: Path) -> int:
 def speak(text: str, voice: str) -> np.ndarray:
     """-> float32 mono samples at SAMPLE_RATE."""
     wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
-    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE)
+    return audio.decode(wav, SAMPLE_RATE)
 
 
 def write_speech(out: Path) -> int:
+    import soundfile as sf  # encoding, here only: the rest of this module runs where no audio library is installed
+
     for sentence, voice in SPOKEN:
         sf.write(
             out / f"{sentence}_{voice}.flac", speak(SENTENCES[sentence], VOICES[voice]), SAMPLE_RATE, subtype="PCM_16"

@@ -17,7 +17,8 @@ from encoders import audio, image, registry, weights
 from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
-from .plan import WORDS, Plan, device_name, timed
+from .peak import flops_per_item
+from .plan import WORDS, Plan, device_name, sig, timed
 
 # -- models ---------------------------------------------------------------------------------
 
@@ -142,13 +143,21 @@ def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, f
     return what, len(items) / seconds, out
 
 
-def bare(model: str, modality: str, items: list, dtype: str, batch: int, reps: int) -> float:
-    """items/s of our encoder's `embed` on inputs preprocessed beforehand (after one warm-up batch)."""
+def bare(model: str, modality: str, items: list, dtype: str, batch: int, reps: int) -> dict:
+    """Our encoder's `embed` on one batch preprocessed beforehand, after one warm-up call: items/s, GFLOP/s (the FLOPs
+    its dims imply for these items, `peak.flops_per_item`), and the batch's embeddings."""
     encoder = load_encoder(model, Options(device=device_name(), dtype=dtype))
     ready = [encoder.preprocess(modality, raw) for raw in (items * math.ceil(batch / len(items)))[:batch]]
-    encoder.embed(modality, ready)
+    embeddings = encoder.embed(modality, ready)
     seconds, _ = timed(lambda: [encoder.embed(modality, ready) for _ in range(reps)])
-    return batch * reps / seconds
+    flops = sum(flops_per_item(encoder, modality, item) for item in ready) / len(ready)
+    rate = batch * reps / seconds
+    return {
+        "items_per_s": sig(rate),
+        "gflops": sig(rate * flops / 1e9),
+        "flops_per_item": flops,
+        "embeddings": embeddings,
+    }
 
 
 def preprocess_costs(model: str, modality: str, items: list) -> dict[str, float]:

@@ -1,25 +1,22 @@
-"""Synthetic inputs: raw-media Parquet datasets (JPEG photos-like images, spoken clips, sentences) and stores of
-clustered vectors for the retrieval sections. Seeded: the same seed gives the same bytes."""
+"""Synthetic inputs: raw-media Parquet datasets (photo-like JPEGs, spoken clips, sentences). Seeded: the same seed
+gives the same bytes."""
 
 from __future__ import annotations
 
 import io
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
 from PIL import Image, ImageDraw
 
 from encoders import audio
-from storage.store import Store
 
 from ..samples import SAMPLE_DIR
-from .plan import CLIP_SECONDS, FILE_ROWS, IMAGE_SIZES, INDEX_NOISE, MODALITIES, RETRIEVAL_DIM, ROW_GROUP, WORDS
+from .plan import CLIP_SECONDS, FILE_ROWS, IMAGE_SIZES, MODALITIES, ROW_GROUP, WORDS
 
 # -- synthetic raw media --------------------------------------------------------------------
 
@@ -57,6 +54,8 @@ def speech_pool() -> list[np.ndarray]:
 
 def make_clip(rng: np.random.Generator, speech: list[np.ndarray]) -> bytes:
     """A 5 s 16 kHz mono FLAC: two spoken sentences with a gap, a tone and background noise."""
+    import soundfile as sf  # not at the top: the GPU check imports this module where no decoder is installed
+
     n = int(CLIP_SECONDS * audio.SAMPLE_RATE)
     gap = np.zeros(int(rng.uniform(0.1, 0.8) * audio.SAMPLE_RATE), np.float32)
     voice = np.concatenate([speech[rng.integers(len(speech))], gap, speech[rng.integers(len(speech))]])
@@ -140,47 +139,3 @@ def read_items(dataset: Path, limit: int | None = None) -> list[bytes | str]:
     if limit is not None:
         table = table.slice(0, limit)
     return [d if d is not None else t for d, t in zip(table["data"].to_pylist(), table["text"].to_pylist())]
-
-
-def write_vector_store(
-    root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors", centres: np.ndarray | None = None
-) -> str:
-    """A committed store of `rows` random unit vectors (dim 512) under modality=image/model=`model`:
-    uniform, or scattered around `centres` (see `around`)."""
-    import hashlib
-
-    from storage.schema import TIMESTAMP, embedding_schema
-
-    shutil.rmtree(root, ignore_errors=True)
-    store = Store(str(root))
-    job, files, chunk = "bench-vectors", [], 100_000
-    now = datetime.now(UTC)
-    for start in range(0, rows, chunk):
-        n = min(chunk, rows - start)
-        vectors = (
-            rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
-        )
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        ids = [f"v{i:08d}" for i in range(start, start + n)]
-        table = pa.table(
-            {
-                "id": ids,
-                "uri": [f"bench://{i}" for i in ids],
-                "source": ["bench"] * n,
-                "content_hash": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), RETRIEVAL_DIM),
-                "model_digest": ["random"] * n,
-                "job_id": [job] * n,
-                "created_at": pa.array([now] * n, TIMESTAMP),
-            },
-            schema=embedding_schema(RETRIEVAL_DIM),
-        )
-        files.append(store.write_embeddings("image", model, table))
-    store.commit(job, files)
-    return model
-
-
-def around(centres: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """`n` points, each a random centre plus Gaussian noise (not normalised)."""
-    picked = centres[rng.integers(0, len(centres), n)]
-    return picked + INDEX_NOISE * rng.standard_normal(picked.shape, dtype=np.float32)

@@ -18,13 +18,15 @@ from .baselines import bench_clip
 from .measure import (
     measure_fixed_cost,
     measure_index,
+    measure_int8_recall,
     measure_memory,
     measure_modality,
     measure_retrieval,
     measure_sweep,
     warm_up,
 )
-from .plan import MODALITIES, WORKER_NICENESS, Plan, log, make_plan
+from .peak import gemm_peak
+from .plan import BARE_DTYPES, MODALITIES, WORKER_NICENESS, Plan, log, make_plan
 from .report import machine, summarize, write_reports
 
 
@@ -57,8 +59,13 @@ def measure(plan: Plan, out: Path) -> dict:
         partial.write_text(json.dumps(result, indent=1) + "\n")
 
     keep(result, "warmup_s", warm_up(plan, out))
+    log("the machine's GEMM peak: fp32, bf16, int8")
+    keep(result, "peak", gemm_peak(plan.peak_shapes, BARE_DTYPES))
     for modality in plan.modalities:
-        keep(result["modalities"], modality, measure_modality(modality, plan, out))
+        keep(result["modalities"], modality, measure_modality(modality, plan, out, result["peak"]))
+    if plan.whole_run:
+        log("int8: the demo's queries against float32")
+        keep(result, "int8_recall", measure_int8_recall())
     if "image" in plan.modalities and plan.sweep:  # --quick skips it
         keep(result, "sweep", measure_sweep(plan, out))
     if own_ray:  # the rest needs no Ray here, and its idle workers would poll beside the subprocess jobs' own Ray

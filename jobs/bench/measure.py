@@ -24,9 +24,10 @@ from storage.store import Store, duckdb_connection
 from .. import config
 from ..run import run_job
 from .baselines import bare, baseline, min_cosine, preprocess_costs
-from .data import around, read_items, write_dataset, write_vector_store
+from .data import read_items, write_dataset
 from .memory import PeakMemory
 from .plan import (
+    BARE_DTYPES,
     CHECK_BATCH,
     DTYPES,
     INDEX_CLUSTERS,
@@ -45,6 +46,7 @@ from .plan import (
     sig,
     timed,
 )
+from .vectors import around, write_vector_store
 
 
 def pipeline(
@@ -96,8 +98,9 @@ def stored_embeddings(root: Path) -> np.ndarray:
     return table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
 
 
-def measure_modality(modality: str, plan: Plan, work: Path) -> dict:
-    """Pipeline (fp32, bf16), baseline, bare forward (fp32, bf16) and parity figures for one modality."""
+def measure_modality(modality: str, plan: Plan, work: Path, peak: dict) -> dict:
+    """Pipeline (fp32, bf16), baseline, bare forward (fp32, bf16, int8; each against the machine's `peak` of its
+    dtype) and parity figures for one modality."""
     model = model_for(modality, plan)
     n = plan.n[modality]
     dataset = write_dataset(work / "data" / f"{modality}-{n}", {modality: n})
@@ -114,11 +117,22 @@ def measure_modality(modality: str, plan: Plan, work: Path) -> dict:
     sample = items[: plan.baseline_items[modality]]
     what, rate, reference = baseline(modality, sample, batch, plan)
     out["baseline"] = {"what": what, "dtype": "float32", "items": len(sample), "items_per_s": sig(rate)}
-    for dtype in DTYPES:
+    bare_embeddings = {}
+    for dtype in BARE_DTYPES:
+        if peak[dtype]["gflops"] is None or (dtype == "int8" and device_name() != "cpu"):
+            out["bare"][dtype] = {"items_per_s": None, "note": peak[dtype]["note"] or "int8 runs on the CPU only"}
+            continue
         log(f"{modality}: bare encoder {dtype}")
-        out["bare"][dtype] = {"items_per_s": sig(bare(model, modality, items, dtype, batch, plan.bare_reps))}
+        result = bare(model, modality, items, dtype, batch, plan.bare_reps)
+        bare_embeddings[dtype] = result.pop("embeddings")
+        out["bare"][dtype] = result | {"share_of_peak": sig(result["gflops"] / peak[dtype]["gflops"])}
+    fp32 = out["pipeline"]["float32"]
+    out["startup_s"] = sig(fp32["stages_s"]["wall"] - fp32["stages_s"]["encode_s"])  # all but the encoder's own time
+    out["steady_vs_bare"] = ratio(fp32["encode_items_per_s"], out["bare"]["float32"]["items_per_s"])
     out["preprocess_costs"] = preprocess_costs(model, modality, items[:32])
     out["cosine_min"] = {"bfloat16_vs_float32": min_cosine(embeddings["bfloat16"], embeddings["float32"])}
+    if "int8" in bare_embeddings:
+        out["cosine_min"]["int8_vs_float32"] = min_cosine(bare_embeddings["int8"], bare_embeddings["float32"])
     if modality == "audio":  # the baseline pads to 30 s: held to our padded mode, which computes the same function
         padded = load_encoder(model, Options(device=device_name(), audio_mode="padded")).encode("audio", items[:4])
         out["cosine_min"]["baseline_vs_ours_padded"] = min_cosine(padded, reference[:4])
@@ -303,3 +317,29 @@ def measure_fixed_cost(plan: Plan, work: Path) -> dict:
     dataset = write_dataset(work / "data" / "mixed-10", {"image": 4, "audio": 3, "text": 3})
     models = {"image": plan.clip_name, "audio": MODELS["audio"], "text": MODELS["text"]}
     return {"items": 10, "models": models, **cli_job(dataset, work / "stores" / "mixed-10", models)}
+
+
+def measure_int8_recall() -> dict:
+    """The demo's queries over the bundled sample set, every item and query encoded in int8 and in float32 (no Ray,
+    no store): the mean share of each query's float32 top 10 that its int8 top 10 finds."""
+    from ..demo import TEXT_TO_IMAGE
+    from ..samples import SAMPLE_DIR
+
+    corpora = {  # model, modality: the items, then (query modality, query) pairs
+        ("shapes-clip", "image"): (sorted((SAMPLE_DIR / "shapes").glob("*.png")), [("text", q) for q in TEXT_TO_IMAGE]
+                                   + [("image", SAMPLE_DIR / "shapes" / "red_circle_0.png")]),
+        ("whisper-tiny.en", "audio"): (sorted((SAMPLE_DIR / "speech").glob("*.flac")),
+                                       [("audio", SAMPLE_DIR / "speech" / "rocket_us.flac")]),
+        ("minilm-l6", "text"): (sorted((SAMPLE_DIR / "texts").glob("*.txt")), [("text", "a cat with orange fur")]),
+    }  # fmt: skip
+    recalls = []
+    for (model, modality), (files, queries) in corpora.items():
+        raws = [f.read_text() if modality == "text" else f.read_bytes() for f in files]
+        tops = {}
+        for dtype in ("float32", "int8"):
+            encoder = load_encoder(model, Options(device="cpu", dtype=dtype))
+            items = encoder.encode(modality, raws)
+            queried = [encoder.encode(kind, [q.read_bytes() if isinstance(q, Path) else q])[0] for kind, q in queries]
+            tops[dtype] = [set(np.argsort(-(items @ q))[:TOP_K]) for q in queried]
+        recalls += [len(a & b) / TOP_K for a, b in zip(tops["float32"], tops["int8"])]
+    return {"queries": len(recalls), "recall_at_10": sig(float(np.mean(recalls))), "min": sig(min(recalls))}

@@ -12,7 +12,12 @@ import numpy as np
 from encoders.errors import MmembedError
 
 MODALITIES = ("image", "audio", "text")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # the pipelines' dtypes
+BARE_DTYPES = (*DTYPES, "int8")  # the bare forward's: int8 against the peak and float32 too
+# (tokens in one encoder call, width) of the measured encoders, for the peak's GEMM shapes: ViT-B/32 at batch 16 (50
+# tokens an image), Whisper tiny at batch 16 (250 positions for 5 s, trimmed), MiniLM at chunks of 64 texts (~20 tokens)
+PEAK_WIDTHS = ((16 * 50, 768), (16 * 250, 384), (64 * 20, 384))
+PEAK_SQUARE = 2048  # and one square GEMM, the shape GEMM libraries are tuned on
 IMAGE_SIZES = ((640, 480), (640, 480), (480, 640), (800, 600))  # mostly VGA landscape, some portrait and larger
 CLIP_SECONDS = 5.0
 FILE_ROWS, ROW_GROUP = 1000, 100  # dataset layout: files of 1000 rows, row groups of 100 (~6 MB of JPEGs)
@@ -69,6 +74,14 @@ def _counts(n: int) -> dict[str, int]:
     return {"image": n, "audio": n, "text": TEXT_FACTOR * n}
 
 
+def gemm_shapes(widths: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(tokens, width) pairs of the encoders -> GEMM shapes (M, K, N): their two linear shapes, and a square one."""
+    shapes = {(PEAK_SQUARE, PEAK_SQUARE, PEAK_SQUARE)}
+    for tokens, width in widths:
+        shapes |= {(tokens, width, width), (tokens, width, 4 * width)}
+    return sorted(shapes)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one bench run measures, and how much of it."""
@@ -89,6 +102,7 @@ class Plan:
     rss_images: tuple[int, int] = (2_000, 20_000)
     # batches: 6-13 s of forward here, long enough that a moment of other work on the machine averages out
     bare_reps: int = 15
+    peak_shapes: tuple[tuple[int, int, int], ...] = tuple(gemm_shapes(PEAK_WIDTHS))  # (M, K, N) of the GEMM peak
     whole_run: bool = True  # also retrieval, the peak-memory ratio and the 10-item job (they need every modality)
     quick: bool = False
 

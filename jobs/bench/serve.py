@@ -13,8 +13,8 @@ from storage.search import search
 
 from .. import api
 from .baselines import bench_clip
-from .data import write_vector_store
 from .plan import RETRIEVAL_DIM, TOP_K, BenchError, Plan, log, percentiles, timed
+from .vectors import write_vector_store
 
 QUERIES = ("a red circle", "a dog on a beach", "an old train station at night", "two cups of coffee", "a quiet lake")
 

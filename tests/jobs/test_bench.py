@@ -51,6 +51,7 @@ PLAN = plan.Plan(
     naive_queries=2,
     rss_images=(2, 4),
     bare_reps=1,
+    peak_shapes=((64, 32, 32), (64, 32, 128)),
     quick=True,
 )
 RATIOS = (
@@ -97,8 +98,12 @@ def test_every_modality_is_measured_three_ways(result):
             run = m["pipeline"][dtype]
             assert run["items"] == n and positive(run["items_per_s"]) and positive(run["peak_rss_mb"])
             assert {"list", "preprocess_s", "encode_s", "write_s", "wall"} <= set(run["stages_s"])
-            assert positive(m["bare"][dtype]["items_per_s"])
-        assert positive(m["baseline"]["items_per_s"])
+        for dtype in plan.BARE_DTYPES:
+            bare = m["bare"][dtype]
+            assert positive(bare["items_per_s"]) and positive(bare["gflops"]) and positive(bare["share_of_peak"]), bare
+            assert bare["gflops"] == pytest.approx(bare["items_per_s"] * bare["flops_per_item"] / 1e9, rel=1e-3)
+        assert positive(m["baseline"]["items_per_s"]) and positive(m["startup_s"]) and positive(m["steady_vs_bare"])
+        assert m["cosine_min"]["int8_vs_float32"] >= 0.995
     assert [(p["actors"], p["batch"], p["threads"]) for p in doc["sweep"]] == list(PLAN.sweep)
     for p in doc["sweep"]:
         # a pool too large to leave CPU for the tasks that feed it is refused, and the point says why
@@ -106,6 +111,33 @@ def test_every_modality_is_measured_three_ways(result):
         too_many = spare > 0 and p["actors"] * MIN_ACTOR_CPUS > spare
         assert ("skipped" in p) == too_many and (not too_many or "too many" in p["skipped"]), p
         assert "skipped" in p or positive(p["items_per_s"])
+
+
+def test_the_peak_is_the_best_gemm_of_each_dtype(result):
+    _, doc, _ = result
+    for dtype in plan.BARE_DTYPES:
+        peak = doc["peak"][dtype]
+        assert {tuple(p["shape"]) for p in peak["points"]} == set(PLAN.peak_shapes)
+        assert peak["gflops"] == max(p["gflops"] for p in peak["points"]) > 0
+    paths = {p["path"] for p in doc["peak"]["float32"]["points"]}
+    assert paths == {"torch.matmul (MKL)", "oneDNN linear"}
+    assert doc["machine"]["instruction_sets"] and "avx2" in doc["machine"]["instruction_sets"]
+    assert doc["int8_recall"]["queries"] == 7 and doc["int8_recall"]["recall_at_10"] >= 0.98
+
+
+def test_flops_are_counted_from_the_dims():
+    """ViT-B/32 at 224 px: 4.4 G multiply-adds an image (OpenCLIP's model table lists 4.41 "GFLOPs", counting a
+    multiply-add as one), 8.8 GFLOPs as the bench counts them."""
+    from types import SimpleNamespace
+
+    from encoders.clip import CLIPDims
+    from jobs.bench.peak import flops_per_item
+
+    dims = CLIPDims(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                    vision_mlp=3072, context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8,
+                    text_mlp=2048, eos_token_id=49407)  # fmt: skip
+    flops = flops_per_item(SimpleNamespace(kind="clip", dims=dims), "image", None)
+    assert 8.7e9 < flops < 8.9e9  # 4.4 G multiply-adds
 
 
 def test_baselines_compute_what_our_encoders_compute(result):
@@ -152,6 +184,8 @@ def test_reports(result):
         "Retrieval",
         "HNSW index",
         "Memory and fixed cost",
+        "Against the machine's own limit",
+        "Quick run: a smoke test",
         "Targets",
     ):
         assert heading in text
