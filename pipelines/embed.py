@@ -90,7 +90,10 @@ def start(address: str | None = None, log: TextIO | None = None, verbose: bool =
         try:
             ray_private.init(IDLE_WORKER_S, **init)
         except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-            raise refused(join or "recorded by `ray start`", e) from None
+            joined = join if join not in (None, "auto", "local") else (ray_private.recorded_cluster() or ("", ""))[1]
+            if not joined or join == "local":  # starting Ray here failed: not a cluster's refusal
+                raise
+            raise refused(joined, e) from None
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     # A task's exception reaches the driver as itself (with `.cause`), not as Ray Data's UserCodeException, so an

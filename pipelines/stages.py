@@ -115,7 +115,7 @@ class EmbedBatch:
         try:
             self.encoder = load_encoder(model, options)
         except Exception as e:
-            self.failure = load_failure(model, e, torch)
+            self.failure = load_failure(model, e)
 
     def _embed_each(self, items, errors, index) -> np.ndarray:
         """Isolate the rows that make a batch fail: embed one by one, record each failure."""
@@ -153,9 +153,11 @@ class EmbedBatch:
         return out
 
 
-def load_failure(model: str, e: Exception, torch) -> Exception:
+def load_failure(model: str, e: Exception) -> Exception:
     """What an encoder whose model did not load raises: one line naming the model and the cause (EncoderLoadError)
     when the user can act on it (the store does not load, memory ran out); any other exception as itself."""
+    import torch
+
     out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
     if not (out_of_memory or isinstance(e, MmembedError)):
         return e

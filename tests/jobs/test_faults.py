@@ -142,8 +142,9 @@ class Killer(threading.Thread):
                 else []
             )
             if fresh:
+                title = _process_tree()[1].get(fresh[0], "")
                 os.kill(fresh[0], signal.SIGKILL)
-                self.kills.append((fresh[0], committed))
+                self.kills.append((fresh[0], committed, title.strip()))
 
 
 N = 96
@@ -163,7 +164,7 @@ def test_an_encoder_killed_mid_job_is_restarted_and_the_job_completes(tmp_path, 
     capsys.readouterr()
     assert main(["embed", str(media), str(root), "--model", "text=minilm-l6", *small_steps(tmp_path), "--json"]) == 0
     killer.join(5)
-    ((_, committed),) = killer.kills
+    ((_, committed, _),) = killer.kills
     assert 0 < committed < N, f"the kill landed with {committed} of {N} rows committed"
     record = json.loads(capsys.readouterr().out)
     assert record["status"] == "succeeded" and record["counts"]["text/minilm-l6"]["embedded"] == N
