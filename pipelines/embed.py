@@ -76,7 +76,7 @@ def start(address: str | None = None, log: TextIO | None = None, verbose: bool =
     call connected (False: already connected). `log` gets mmembed's note when a recorded cluster is gone.
 
     The lines Ray's workers print reach this process only when `verbose`; else they stay in Ray's session logs
-    (/tmp/ray/session_latest/logs on each node), where they arrived after a failed job's one line, not before it."""
+    (/tmp/ray/session_latest/logs on each node): forwarded, they could arrive after a failed job's one line."""
     connected = not ray.is_initialized()
     if connected:
         join = join_address(address, log or sys.stderr)
