@@ -84,12 +84,15 @@ def test_restart_limits_pass_as_deprecated_remote_args_and_replace_rays_for_ever
 
 
 def test_the_recorded_cluster_is_the_file_ray_init_reads(tmp_path, monkeypatch):
-    """`ray.init()` without an address joins the address `ray start` wrote to <ray temp dir>/ray_current_cluster."""
+    """`ray.init()` without an address joins the address `ray start` wrote to <ray temp dir>/ray_current_cluster
+    (`ray._common.utils.get_ray_address_file`)."""
+    from ray._common.utils import get_ray_address_file
     from ray._private import services
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_private.recorded_cluster() is None
+    assert get_ray_address_file(None) == str(tmp_path / "ray" / "ray_current_cluster")
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     assert ray_private.recorded_cluster() == (str(tmp_path / "ray" / "ray_current_cluster"), "127.0.0.1:1")
@@ -111,6 +114,10 @@ print(ray_private.use_token_if_available(), os.environ.get("RAY_AUTH_MODE"), is_
 def test_token_authentication_turns_on_with_a_token_at_hand(tmp_path, token, expected):
     """Ray's own switch (`maybe_enable_token_auth_if_token_available`, which `ray.init()` applies only to a cluster it
     finds by itself) with each place Ray documents for the token. A fresh process: the mode sticks in RayConfig."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    assert "warn_if_disabled" in inspect.signature(setup.maybe_enable_token_auth_if_token_available).parameters
+    assert setup.AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
