@@ -63,6 +63,14 @@ def address(parser: Parser) -> None:
     )
 
 
+def verbose(parser: Parser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own lines on stderr (by default they go to the log file the job record names, ray_log)",
+    )
+
+
 def wait_lock(parser: Parser) -> None:
     parser.add_argument(
         "--wait-lock", action="store_true", help="wait for another job on ROOT to finish instead of exiting"

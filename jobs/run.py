@@ -23,6 +23,7 @@ from pipelines.sources import Inventory, open_input, remove_dir
 from storage.lock import RootLock
 from storage.store import Store
 
+from . import ray_log
 from .config import ConfigError, JobConfig
 from .progress import Progress
 
@@ -85,6 +86,7 @@ def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
         "throughput": 0.0,
         "nodes": [],
         "error": None,
+        "ray_log": None,
     }
 
 
@@ -94,20 +96,26 @@ def run_job(
     kind: str = "embed",
     wait_lock: bool = False,
     log: TextIO | None = None,
+    verbose: bool = False,
 ) -> dict:
-    """Take ROOT's lock and run the job; `inputs` defaults to the config's input."""
+    """Take ROOT's lock and run the job; `inputs` defaults to the config's input. Progress goes to `log` (default:
+    stderr); Ray's own output to the log file the record names (`ray_log`), or with `verbose` to stderr."""
     if not cfg.root:
         raise ConfigError("a job needs a root")
     lock = RootLock(root_path(cfg.root))
     lock.acquire(wait=wait_lock)
     try:
-        return embed_locked(cfg, inputs, kind, log)
+        return embed_locked(cfg, inputs, kind, log, verbose)
     finally:
         lock.release()
 
 
 def embed_locked(
-    cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO | None = None
+    cfg: JobConfig,
+    inputs: list[str] | None = None,
+    kind: str = "embed",
+    log: TextIO | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Run a job whose caller holds ROOT's lock; returns the job record (also in ROOT/_jobs/)."""
     inputs = inputs if inputs is not None else [cfg.input] if cfg.input else []
@@ -137,11 +145,13 @@ def embed_locked(
         record["inputs"] = [inv.source for inv in inventories]
         record["skipped_files"] = sum(inv.skipped for inv in inventories)
         record["stages_s"]["list"] = round(time.monotonic() - started, 3)
+        record["ray_log"] = None if verbose else str(ray_log.log_path(job_id))
         store.write_job(record)
-        pipeline.start(cfg.ray.address)
-        check_cluster(cfg, root)
-        for inventory in inventories:
-            _embed_inventory(cfg, inventory, digests, store, record, stage_s, nodes, log)
+        with ray_log.diverted(record["ray_log"]) as console:
+            pipeline.start(cfg.ray.address, log or console, verbose)
+            check_cluster(cfg, root)
+            for inventory in inventories:
+                _embed_inventory(cfg, inventory, digests, store, record, stage_s, nodes, log or console)
         wall = time.monotonic() - started
         processed = sum(c["embedded"] + c["errored"] for c in record["counts"].values())
         record.update(status="succeeded", nodes=sorted(nodes), throughput=round(processed / wall, 2) if wall else 0.0)

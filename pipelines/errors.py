@@ -9,3 +9,15 @@ class SourceError(MmembedError):
 
 class ResourceError(MmembedError):
     """The cluster cannot hold the configured encoder pool beside the tasks that feed it."""
+
+
+class ClusterError(MmembedError):
+    """The Ray cluster to run on cannot be reached, or refuses this client."""
+
+
+class EncoderLoadError(MmembedError):
+    """An encoder actor (or task) could not load its model: the store fails to load there, or memory runs out."""
+
+
+class WorkerDiedError(MmembedError):
+    """A pipeline's encoder process died (killed: out of memory, a crash) more often than the job restarts it."""

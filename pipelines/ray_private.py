@@ -7,10 +7,15 @@ changes. What each buys is measured in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
-from ray.data import DataContext, Dataset, TaskPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext, Dataset, TaskPoolStrategy
+from ray.util.annotations import RayDeprecationWarning
 
 IDLE_WORKER_KEY = "idle_worker_killing_time_threshold_ms"  # a `_system_config` key of ray.init
 
@@ -24,6 +29,49 @@ def init(idle_worker_s: float, **kwargs: Any) -> None:
         if "_system_config" not in str(e):
             raise
         ray.init(**kwargs)
+
+
+def recorded_cluster() -> tuple[str, str] | None:
+    """(file, address) of the cluster `ray start` recorded on this machine, which `ray.init()` without an address
+    joins: $RAY_TMPDIR (else $TMPDIR, else /tmp)/ray/ray_current_cluster. None when there is none. `ray stop`
+    deletes the file; a `ray start --block` that is killed, or a reboot, leaves it behind."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        address = Path(path).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return (path, address) if address else None
+
+
+def use_token_if_available() -> bool:
+    """Turn on Ray's token authentication in this process when RAY_AUTH_MODE is unset and a token is at hand
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); -> whether it is on. `ray.init()` does this itself
+    for a cluster it finds on this machine, never for an address it is given (Ray 2.60), so a client joining a
+    `ray start` cluster by address failed with InvalidAuthToken. A client holding a token still joins a cluster
+    that has authentication off. Ray's warning that it turned authentication on is not shown."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    logger = logging.getLogger(setup.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        logger.setLevel(level)
+
+
+def map_batches_restarting(ds: Dataset, fn: Callable, restarts: int, **kwargs: Any) -> Dataset:
+    """`ds.map_batches(fn, **kwargs)` whose worker, when its process dies (killed for memory, a crash), Ray
+    replaces `restarts` times and then fails the job: an actor is restarted and its tasks retried, a task is
+    retried. Ray Data's default is for ever (-1), so an encoder killed on every load hung its job. Ray 2.60 takes
+    these settings only as `**ray_remote_args`, deprecated (to go in 2.64) with no named parameter for them."""
+    actor = isinstance(kwargs.get("compute"), ActorPoolStrategy)
+    limits = {"max_restarts": restarts, "max_task_retries": restarts} if actor else {"max_retries": restarts}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        return ds.map_batches(fn, **kwargs, **limits)
 
 
 def use_parquet_reader_v1(ctx: DataContext) -> None:

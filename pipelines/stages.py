@@ -17,10 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from encoders.errors import MmembedError
 from encoders.model import Inputs
 from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
+from .errors import EncoderLoadError
 from .sinks import ERROR_COLUMNS
 
 
@@ -97,7 +99,10 @@ def preprocess(
 
 
 class EmbedBatch:
-    """Encoder actor: loads the model once, embeds each batch's good rows in one forward."""
+    """Encoder actor: loads the model once, embeds each batch's good rows in one forward.
+
+    A model that fails to load here (a store the driver's checks passed, memory that runs out) is raised by the
+    first batch, as `load_failure` says: from `__init__` it would reach the driver as Ray's text about a dead actor."""
 
     def __init__(self, model: str, modality: str, options: Options, threads: int = 0):
         import torch
@@ -105,8 +110,12 @@ class EmbedBatch:
         if threads:
             torch.set_num_threads(threads)
         self.modality = modality
-        self.encoder = load_encoder(model, options)
         self.node = node_id()
+        self.failure: Exception | None = None
+        try:
+            self.encoder = load_encoder(model, options)
+        except Exception as e:
+            self.failure = load_failure(model, e)
 
     def _embed_each(self, items, errors, index) -> np.ndarray:
         """Isolate the rows that make a batch fail: embed one by one, record each failure."""
@@ -123,6 +132,8 @@ class EmbedBatch:
         return vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failure is not None:
+            raise self.failure
         start = time.perf_counter()
         n = len(batch["id"])
         errors = {c: batch[c].copy() for c in ERROR_COLUMNS}
@@ -140,6 +151,20 @@ class EmbedBatch:
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         out["encode_node"] = np.full(n, self.node, dtype=object)
         return out
+
+
+def load_failure(model: str, e: Exception) -> Exception:
+    """What an encoder whose model did not load raises: one line naming the model and the cause (EncoderLoadError)
+    when the user can act on it (the store does not load, memory ran out); any other exception as itself."""
+    import torch
+
+    out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+    if not (out_of_memory or isinstance(e, MmembedError)):
+        return e
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if not isinstance(e, MmembedError):
+        cause = f"{type(e).__name__}: {cause}" if cause else f"{type(e).__name__} (out of memory)"
+    return EncoderLoadError(f"model {model!r} cannot load in its encoder: {cause}")
 
 
 def embed_in_task(

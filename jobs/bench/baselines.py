@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from encoders import audio, image, registry, weights
+from encoders import audio, image, registry
 from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
@@ -64,31 +65,88 @@ def bench_clip(name: str, clip_config: dict) -> Path:
     return src
 
 
-def hf_whisper_encoder(name: str):
-    """transformers' Whisper encoder with the weights of our store `name`: our converter's table, inverted."""
+def ct2_to_hf(layers: int) -> dict[str, tuple[str | None, ...]]:
+    """CTranslate2 WhisperSpec encoder variables -> transformers' WhisperEncoder keys: CTranslate2's own converter
+    (ctranslate2/converters/transformers.py, WhisperLoader and BartLoader.set_encoder) read backwards, written apart
+    from our converter's tables so that the baseline does not share their mistakes. Several keys: the variable is
+    their concatenation (q, k, v fused); None: the key bias Whisper lacks, fused as zeros."""
+    table: dict[str, tuple[str | None, ...]] = {
+        "conv1/weight": ("conv1.weight",),
+        "conv1/bias": ("conv1.bias",),
+        "conv2/weight": ("conv2.weight",),
+        "conv2/bias": ("conv2.bias",),
+        "position_encodings/encodings": ("embed_positions.weight",),
+        "layer_norm/gamma": ("layer_norm.weight",),
+        "layer_norm/beta": ("layer_norm.bias",),
+    }
+    for i in range(layers):
+        ct2, hf = f"layer_{i}/", f"layers.{i}."
+        attn = hf + "self_attn."
+        table |= {
+            ct2 + "self_attention/linear_0/weight": (
+                attn + "q_proj.weight",
+                attn + "k_proj.weight",
+                attn + "v_proj.weight",
+            ),
+            ct2 + "self_attention/linear_0/bias": (attn + "q_proj.bias", None, attn + "v_proj.bias"),
+            ct2 + "self_attention/linear_1/weight": (attn + "out_proj.weight",),
+            ct2 + "self_attention/linear_1/bias": (attn + "out_proj.bias",),
+            ct2 + "self_attention/layer_norm/gamma": (hf + "self_attn_layer_norm.weight",),
+            ct2 + "self_attention/layer_norm/beta": (hf + "self_attn_layer_norm.bias",),
+            ct2 + "ffn/linear_0/weight": (hf + "fc1.weight",),
+            ct2 + "ffn/linear_0/bias": (hf + "fc1.bias",),
+            ct2 + "ffn/linear_1/weight": (hf + "fc2.weight",),
+            ct2 + "ffn/linear_1/bias": (hf + "fc2.bias",),
+            ct2 + "ffn/layer_norm/gamma": (hf + "final_layer_norm.weight",),
+            ct2 + "ffn/layer_norm/beta": (hf + "final_layer_norm.bias",),
+        }
+    return table
+
+
+def hf_whisper_encoder(src: Path):
+    """transformers' Whisper encoder with the weights of the CTranslate2 Whisper at `src` (model.bin), by `ct2_to_hf`."""
     from transformers import WhisperConfig, WhisperModel
 
-    from encoders.whisper import WhisperDims, hf_table
+    from encoders.checkpoint import ct2_variables
 
-    stored = weights.load(registry.resolve(name))
-    dims = WhisperDims(**stored.config)
+    found = ct2_variables(src / "model.bin", "WhisperSpec", lambda name: name.startswith("encoder/"))
+    variables = {k.removeprefix("encoder/"): v for k, v in found.items()}
+    heads = int(variables.pop("num_heads"))
+    layers = len({k.split("/")[0] for k in variables if re.match(r"layer_\d+/", k)})
+    conv1 = variables["conv1/weight"]
     config = WhisperConfig(
-        num_mel_bins=dims.n_mels,
-        max_source_positions=dims.n_ctx,
-        d_model=dims.width,
-        encoder_layers=dims.layers,
-        encoder_attention_heads=dims.heads,
-        encoder_ffn_dim=dims.hidden,
+        num_mel_bins=conv1.shape[1],
+        max_source_positions=variables["position_encodings/encodings"].shape[0],
+        d_model=conv1.shape[0],
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=variables["layer_0/ffn/linear_0/weight"].shape[0],
         decoder_layers=1,
     )
+    table = ct2_to_hf(layers)
+    if set(table) != set(variables):
+        raise RuntimeError(f"{src}: encoder variables differ from the table: {sorted(set(table) ^ set(variables))}")
     state = {}
-    for ours, parts in hf_table(dims.layers).items():
-        for hf, tensor in zip(parts, stored.tensors[ours].chunk(len(parts))):
-            if hf is not None:  # None: the key bias Whisper lacks, stored as zeros
-                state[hf] = tensor.contiguous()
+    for name, keys in table.items():
+        for key, part in zip(keys, variables[name].chunk(len(keys))):
+            if key is not None:
+                state[key] = part.float().contiguous()
     encoder = WhisperModel(config).encoder.eval()
     encoder.load_state_dict(state, strict=True)
     return encoder
+
+
+def ctranslate2_whisper(src: Path, items: list[bytes]) -> np.ndarray:
+    """CTranslate2's own Whisper encoder (fp32) on 30 s windows of `items`, mean-pooled: what the baseline computes,
+    by another implementation of the same network."""
+    import ctranslate2
+    from transformers import WhisperFeatureExtractor
+
+    clips = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in items]
+    features = WhisperFeatureExtractor(feature_size=80)(clips, sampling_rate=audio.SAMPLE_RATE, return_tensors="np")
+    model = ctranslate2.models.Whisper(str(src), device="cpu", compute_type="float32")
+    mel = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.input_features, dtype=np.float32))
+    return np.array(model.encode(mel, to_cpu=True)).mean(1)
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,14 +188,16 @@ def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, f
         from transformers import WhisperFeatureExtractor
 
         extractor = WhisperFeatureExtractor(feature_size=80)
-        encoder = hf_whisper_encoder("whisper-tiny.en").to(device)
+        encoder = hf_whisper_encoder(registry.PACKAGED["whisper-tiny.en"]()).to(device)
 
         def embed(chunk):
             clips = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in chunk]  # 16 kHz mono: no resampling
             features = extractor(clips, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
             return encoder(features.to(device)).last_hidden_state.mean(1)
 
-        what = "transformers WhisperFeatureExtractor + WhisperModel encoder (30 s windows), tiny.en weights"
+        what = (
+            "transformers WhisperFeatureExtractor + WhisperModel encoder (30 s windows), tiny.en's CTranslate2 weights"
+        )
     with torch.inference_mode():
         seconds, out = timed(lambda: torch.cat([embed(chunk).float().cpu() for chunk in batched(items, batch)]).numpy())
     return what, len(items) / seconds, out

@@ -23,7 +23,7 @@ from storage.store import Store, duckdb_connection
 
 from .. import config
 from ..run import run_job
-from .baselines import bare, baseline, min_cosine, preprocess_costs
+from .baselines import bare, baseline, ctranslate2_whisper, min_cosine, preprocess_costs
 from .data import read_items, write_dataset
 from .memory import PeakMemory
 from .plan import (
@@ -136,6 +136,8 @@ def measure_modality(modality: str, plan: Plan, work: Path, peak: dict) -> dict:
     if modality == "audio":  # the baseline pads to 30 s: held to our padded mode, which computes the same function
         padded = load_encoder(model, Options(device=device_name(), audio_mode="padded")).encode("audio", items[:4])
         out["cosine_min"]["baseline_vs_ours_padded"] = min_cosine(padded, reference[:4])
+        ct2 = ctranslate2_whisper(registry.PACKAGED[model](), items[:4])  # the baseline's weights, held to CTranslate2
+        out["cosine_min"]["baseline_vs_ctranslate2"] = min_cosine(reference[:4], ct2)
     else:
         out["cosine_min"]["float32_vs_baseline"] = min_cosine(embeddings["float32"][: len(reference)], reference)
     return out

@@ -7,7 +7,7 @@ import contextlib
 import sys
 
 from .. import config, output
-from ..options import JSON, RUNTIME, Parser, Subparsers, address, audio_mode, command, modality, wait_lock
+from ..options import JSON, RUNTIME, Parser, Subparsers, address, audio_mode, command, modality, verbose, wait_lock
 
 
 def embed_parser(sub: Subparsers) -> Parser:
@@ -60,6 +60,7 @@ def embed_parser(sub: Subparsers) -> Parser:
     )
     p.add_argument("--commit-every", type=int, metavar="N", help="rows per commit")
     wait_lock(p)
+    verbose(p)
     return p
 
 
@@ -81,7 +82,7 @@ def embed(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     if args.model:
         cfg = config.load(args.config, overrides | {"models": {**cfg.models, **config.parse_model_flags(args.model)}})
-    report(_run(cfg, wait_lock=args.wait_lock), args.json)
+    report(_run(cfg, wait_lock=args.wait_lock, verbose=args.verbose), args.json)
     return 0
 
 
@@ -104,6 +105,7 @@ def backfill_parser(sub: Subparsers) -> Parser:
     )
     address(p)
     wait_lock(p)
+    verbose(p)
     return p
 
 
@@ -127,7 +129,7 @@ def backfill(args: argparse.Namespace) -> int:
         if getattr(args, key):
             overrides[key] = getattr(args, key)
     cfg = config.load(args.config, overrides | {"input": None})
-    report(_run(cfg, inputs=inputs, kind="backfill", wait_lock=args.wait_lock), args.json)
+    report(_run(cfg, inputs=inputs, kind="backfill", wait_lock=args.wait_lock, verbose=args.verbose), args.json)
     return 0
 
 

@@ -145,11 +145,13 @@ def test_baselines_compute_what_our_encoders_compute(result):
     m = doc["modalities"]
     assert m["image"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "CLIPModel from the same checkpoint as our store"
     assert m["text"]["cosine_min"]["float32_vs_baseline"] >= 0.9999, "sentence-transformers on the same MiniLM"
-    assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, (
-        "transformers' encoder with tiny.en weights mapped back"
+    assert m["audio"]["cosine_min"]["baseline_vs_ctranslate2"] >= 0.9999, (
+        "transformers' encoder with tiny.en's weights, mapped from model.bin by a table of its own, computes what "
+        "CTranslate2's encoder computes"
     )
+    assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, "and so does ours, in padded mode"
     for modality in m:
-        assert m[modality]["cosine_min"]["bfloat16_vs_float32"] > 0.9
+        assert m[modality]["cosine_min"]["bfloat16_vs_float32"] >= 0.999, (modality, "the bf16 target")
 
 
 def test_retrieval_memory_and_fixed_cost(result):
