@@ -7,19 +7,19 @@ import io
 import math
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from encoders import audio, image, registry
+from encoders import audio, checkpoint, image, registry, weights
 from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
 from .peak import flops_per_item
-from .plan import WORDS, Plan, device_name, sig, timed
+from .plan import WORDS, BenchError, Plan, device_name, sig, timed
 
 # -- models ---------------------------------------------------------------------------------
 
@@ -159,6 +159,49 @@ def batched(items: list, size: int) -> Iterator[list]:
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
+def _source(model: str) -> Path:
+    """The checkpoint directory a converted model came from, which its reference loads."""
+    source = weights.read_meta(registry.resolve(model)).get("source")
+    if not source or not Path(source).is_dir():
+        raise BenchError(f"model {model!r} records no checkpoint directory on disk to measure its reference from")
+    return Path(source)
+
+
+def image_reference(src: Path, device: str) -> tuple[str, Callable[[list[bytes]], object]]:
+    """The image loop a user of the checkpoint's own library writes: (what it is, JPEG bytes -> embeddings)."""
+    import torch
+    import transformers
+
+    from encoders.convert import detect
+    from encoders.validate import open_clip_model, open_clip_pixels
+
+    fmt = detect(src)
+    if fmt == "openclip":
+        from encoders.openclip import CONFIG
+
+        model = open_clip_model(src).to(device)
+        cfg = checkpoint.read_json(src / CONFIG).get("preprocess_cfg") or {}
+        size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+
+        def embed(chunk):
+            pixels = np.stack([open_clip_pixels(Image.open(io.BytesIO(b)), size, cfg) for b in chunk])
+            return model.encode_image(torch.from_numpy(pixels).to(device))
+
+        return "open_clip's model and eval transform (restated on PIL), CLIP.encode_image", embed
+    family = {"hf-clip": "CLIP", "hf-siglip": "Siglip"}.get(fmt)
+    if family is None:
+        raise BenchError(f"{src} is a {fmt} checkpoint, not an image-text model")
+    processor = getattr(transformers, f"{family}ImageProcessorPil").from_pretrained(src)
+    model = getattr(transformers, f"{family}Model").from_pretrained(src).eval().to(device)
+
+    def embed(chunk):
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        return model.get_image_features(pixel_values=pixels.to(device)).pooler_output
+
+    return f"transformers {family}ImageProcessorPil + {family}Model.get_image_features", embed
+
+
 def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, float, np.ndarray]:
     """The loop a transformers / sentence-transformers user writes, fp32: (what it is, items/s, embeddings)."""
     import torch
@@ -171,19 +214,8 @@ def baseline(modality: str, items: list, batch: int, plan: Plan) -> tuple[str, f
         seconds, out = timed(lambda: model.encode(items, batch_size=batch, convert_to_numpy=True))
         return "sentence-transformers SentenceTransformer.encode (all-MiniLM-L6-v2)", len(items) / seconds, out
     if modality == "image":
-        from transformers import CLIPImageProcessorPil, CLIPModel
-
-        src = bench_clip(plan.clip_name, plan.clip)
-        processor = CLIPImageProcessorPil.from_pretrained(src)
-        model = CLIPModel.from_pretrained(src).eval().to(device)
-
-        def embed(chunk):
-            pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in chunk], return_tensors="pt")[
-                "pixel_values"
-            ]
-            return model.get_image_features(pixel_values=pixels.to(device)).pooler_output
-
-        what = "transformers CLIPImageProcessorPil + CLIPModel.get_image_features"
+        src = bench_clip(plan.clip_name, plan.clip) if not plan.image_model else _source(plan.image_model)
+        what, embed = image_reference(src, device)
     else:
         from transformers import WhisperFeatureExtractor
 

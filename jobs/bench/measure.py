@@ -164,7 +164,7 @@ def measure_sweep(plan: Plan, work: Path) -> list[dict]:
         log(f"sweep: {actors} actor(s), batch {batch}, threads {threads or 'auto'}")
         try:
             result = pipeline(
-                dataset, work / "stores" / "sweep", "image", plan.clip_name, "float32", actors, batch, threads
+                dataset, work / "stores" / "sweep", "image", model_for("image", plan), "float32", actors, batch, threads
             )
         except ResourceError as e:
             points.append({"actors": actors, "batch": batch, "threads": threads, "skipped": str(e)})
@@ -345,3 +345,17 @@ def measure_int8_recall() -> dict:
             tops[dtype] = [set(np.argsort(-(items @ q))[:TOP_K]) for q in queried]
         recalls += [len(a & b) / TOP_K for a, b in zip(tops["float32"], tops["int8"])]
     return {"queries": len(recalls), "recall_at_10": sig(float(np.mean(recalls))), "min": sig(min(recalls))}
+
+
+def measure_clap(plan: Plan, work: Path) -> dict:
+    """CLAP audio clips/s, ours against transformers' ClapModel (the bench's clips, LAION's unfused audio tower with
+    random weights: `jobs.bench.clap.bench_audio`)."""
+    from .clap import BENCH_TEXT, bench_audio, write_reference
+
+    n = plan.baseline_items["audio"]
+    clips = read_items(write_dataset(work / "data" / f"audio-{plan.n['audio']}", {"audio": plan.n["audio"]}), limit=n)
+    src = None
+    if plan.clap:
+        src = write_reference(work / "models" / "clap", plan.clap["audio"], BENCH_TEXT, plan.clap["features"])
+    result = bench_audio(clips, src, device=device_name())
+    return {k: sig(v) if isinstance(v, float) else v for k, v in result.items()}

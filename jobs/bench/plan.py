@@ -90,6 +90,9 @@ class Plan:
     modalities: tuple[str, ...] = MODALITIES
     clip: dict = field(default_factory=lambda: CLIP_B32)  # CLIPConfig kwargs of the image model
     clip_name: str = "bench-clip-b32"
+    image_model: str | None = (
+        None  # a converted model to measure instead (CLIP, SigLIP, OpenCLIP), against its reference
+    )
     # items the baselines run: their speed is steady, a sample will do
     baseline_items: dict[str, int] = field(default_factory=lambda: {"image": 256, "audio": 128, "text": 2560})
     # the image pipeline's sweep: actors, batch, threads (0: auto)
@@ -102,13 +105,18 @@ class Plan:
     rss_images: tuple[int, int] = (2_000, 20_000)
     # batches: 6-13 s of forward here, long enough that a moment of other work on the machine averages out
     bare_reps: int = 15
+    clap: dict | None = None  # {"audio": ClapAudioConfig kwargs, "features": extractor kwargs}; None: LAION's unfused
+    serve_rows: int = 100_000  # the search page's API, timed at the client over this many 512-d rows
     peak_shapes: tuple[tuple[int, int, int], ...] = tuple(gemm_shapes(PEAK_WIDTHS))  # (M, K, N) of the GEMM peak
     whole_run: bool = True  # also retrieval, the peak-memory ratio and the 10-item job (they need every modality)
     quick: bool = False
 
 
-def make_plan(n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITIES) -> Plan:
-    """The full plan (N=1000 per modality, 1M-row retrieval, 2k/20k-image memory jobs) or the quick one."""
+def make_plan(
+    n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITIES, image_model: str | None = None
+) -> Plan:
+    """The full plan (N=1000 per modality, 1M-row retrieval, 2k/20k-image memory jobs) or the quick one; images by
+    `image_model` (a converted CLIP, SigLIP or OpenCLIP) instead of the bench's random ViT-B/32 CLIP if given."""
     full = modalities == MODALITIES
     if quick:
         n = n or 32
@@ -123,11 +131,13 @@ def make_plan(n: int | None, quick: bool, modalities: tuple[str, ...] = MODALITI
             naive_queries=3,
             rss_images=(16, 64),
             bare_reps=1,
+            serve_rows=10_000,
             whole_run=full,
             quick=True,
+            image_model=image_model,
             baseline_items={"image": n, "audio": max(1, n // 2), "text": TEXT_FACTOR * n},
         )
-    return Plan(n=_counts(n or 1000), modalities=modalities, whole_run=full)
+    return Plan(n=_counts(n or 1000), modalities=modalities, whole_run=full, image_model=image_model)
 
 
 def device_name() -> str:
@@ -158,7 +168,9 @@ MODELS = {"audio": "whisper-tiny.en", "text": "minilm-l6"}
 
 
 def model_for(modality: str, plan: Plan) -> str:
-    return plan.clip_name if modality == "image" else MODELS[modality]
+    if modality == "image":
+        return plan.image_model or plan.clip_name
+    return MODELS[modality]
 
 
 def sig(x: float) -> float:

@@ -98,6 +98,12 @@ def summarize(result: dict) -> None:
         ),
         ("query: naive DuckDB / search", r["query_1m_vs_naive"], ">=", 10.0),
         ("peak memory large / small image job", rss, "<=", 1.3),
+        (
+            "serve: text search p50 at the client (ms)",
+            (result.get("serve") or {}).get("client_ms", {}).get("p50"),
+            "<=",
+            50.0,
+        ),
     ]
     result["targets"] = [
         {
@@ -167,6 +173,23 @@ def _peak_lines(result: dict) -> list[str]:
     lines += _table(
         ["modality", "start-up s", "encoder items/s in the pipeline", "steady / bare", "end to end / bare"], rows
     )
+    if result.get("clap"):
+        x = result["clap"]
+        lines += [
+            "",
+            f"CLAP audio ({x['clips']} clips, batch {x['batch_size']}, {x['dtype']}): ours {x['clips_per_s_ours']} clips/s, "
+            f"transformers' ClapModel {x['clips_per_s_reference']}: {x['speedup']}x; lowest cosine {x['min_cosine']}.",
+            "",
+        ]
+    if result.get("serve"):
+        x = result["serve"]
+        lines += [
+            "",
+            f"Search page API: a text search over {x['rows']} x {x['dim']} vectors, {x['queries']} queries, model "
+            f"warm: p50 {x['client_ms']['p50']} ms at the client (library {x['library_ms']['p50']}, encoding "
+            f"{x['encode_ms']['p50']}, search {x['search_ms']['p50']}).",
+            "",
+        ]
     if result.get("int8_recall"):
         x = result["int8_recall"]
         lines += [

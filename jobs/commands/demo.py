@@ -58,6 +58,12 @@ def bench_parser(sub: Subparsers) -> Parser:
     p.add_argument(
         "--quick", action="store_true", help="small sizes (100k-row retrieval, 16/64-image memory jobs): a few minutes"
     )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="measure images with this converted CLIP, SigLIP or OpenCLIP model, "
+        "against its own library's loop (default: a random ViT-B/32 CLIP)",
+    )
     p.add_argument("--json", type=Path, metavar="F", help="also write the JSON result to F")
     p.add_argument(
         "--out",
@@ -72,4 +78,4 @@ def bench_parser(sub: Subparsers) -> Parser:
 def bench(args: argparse.Namespace) -> int:
     from ..bench.main import run
 
-    return run(args.modality, args.n, args.quick, args.out, args.json)
+    return run(args.modality, args.n, args.quick, args.out, args.json, args.model)

@@ -39,6 +39,12 @@ TINY_CLIP = {
         "max_position_embeddings": 16,
     },
 }
+# a CLAP audio tower of the real structure, tiny (two Swin stages), with its feature extractor's settings
+TINY_CLAP = {
+    "audio": dict(spec_size=192, num_mel_bins=32, patch_size=6, patch_stride=[4, 4], window_size=5,
+                  patch_embeds_hidden_size=6, depths=[2, 2], num_attention_heads=[2, 3], hidden_size=12),
+    "features": dict(feature_size=32, frequency_min=50, frequency_max=14_000, truncation="rand_trunc"),
+}  # fmt: skip
 PLAN = plan.Plan(
     n={"image": 4, "audio": 2, "text": 6},
     clip=TINY_CLIP,
@@ -52,6 +58,8 @@ PLAN = plan.Plan(
     rss_images=(2, 4),
     bare_reps=1,
     peak_shapes=((64, 32, 32), (64, 32, 128)),
+    serve_rows=500,
+    clap=TINY_CLAP,
     quick=True,
 )
 RATIOS = (
@@ -152,6 +160,19 @@ def test_baselines_compute_what_our_encoders_compute(result):
     assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, "and so does ours, in padded mode"
     for modality in m:
         assert m[modality]["cosine_min"]["bfloat16_vs_float32"] >= 0.999, (modality, "the bf16 target")
+
+
+def test_clap_and_the_search_page_are_measured(result):
+    _, doc, _ = result
+    clap = doc["clap"]
+    assert (
+        clap["clips"] == PLAN.n["audio"]
+        and positive(clap["clips_per_s_ours"])
+        and positive(clap["clips_per_s_reference"])
+    )
+    assert clap["min_cosine"] >= 0.9999, "the same CLAP in both loops"
+    serve = doc["serve"]
+    assert serve["rows"] == 500 and 0 < serve["client_ms"]["p50"] <= serve["client_ms"]["p95"]
 
 
 def test_retrieval_memory_and_fixed_cost(result):
