@@ -32,6 +32,7 @@ from croniter import CroniterError, croniter
 
 from encoders.errors import MmembedError
 from storage.lock import LockError, LockHeldError, RootLock, local_path
+from storage.store import canonical_root
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def check_schedule(config: Scheduled) -> str:
     if not isinstance(expression, str):
         raise ScheduleError(f'job {config.name!r} has no schedule: give it `schedule: "<cron expression>"`')
     try:
-        croniter(expression)
+        # an expression can parse and still name no time at all (`0 0 31 2 *`): find one on each side of now
+        croniter(expression, utc_now()).get_prev(datetime)
+        croniter(expression, utc_now()).get_next(datetime)
     except CroniterError as e:
         raise ScheduleError(f"job {config.name!r}: bad cron expression {expression!r}: {e}") from None
     return expression
@@ -93,7 +96,7 @@ def next_time(config: Scheduled, now: datetime) -> datetime:
 
 def state_path(config: Scheduled) -> Path:
     """ROOT/_schedule/<name>.json; ScheduleError for a name unfit for a file or a non-local ROOT."""
-    root = local_path(config.root) if config.root else None
+    root = local_path(canonical_root(config.root)) if config.root else None
     if root is None:
         raise ScheduleError(f"job {config.name!r}: schedules need a local ROOT, not {config.root}")
     if not _NAME.fullmatch(config.name or ""):

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import sys
 
+from encoders.options import FORMATS
+
 from .. import config, output
 from ..options import JSON, RUNTIME, Parser, Subparsers, address, audio_mode, command, modality, wait_lock
 
@@ -59,6 +61,11 @@ def embed_parser(sub: Subparsers) -> Parser:
         help="input column to copy into the tables (repeatable)",
     )
     p.add_argument("--commit-every", type=int, metavar="N", help="rows per commit")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="what INPUT is (default auto: a directory of Parquet files only is a dataset, else raw media)",
+    )
     wait_lock(p)
     return p
 
@@ -71,7 +78,7 @@ def embed(args: argparse.Namespace) -> int:
         overrides["ray"] = {
             k: v for k, v in (("address", args.address), ("allow_local_root", args.allow_local_root)) if v
         }
-    for key in ("actors", "dtype", "device", "whisper_mode", "commit_every"):
+    for key in ("actors", "dtype", "device", "whisper_mode", "commit_every", "format"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.batch_size is not None:

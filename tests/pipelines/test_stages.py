@@ -54,3 +54,22 @@ def test_the_one_call_task_embeds_what_the_actor_embeds_and_keeps_every_row():
     assert np.array_equal(in_task["embedding"], in_actor["embedding"])
     good = in_task["embedding"][[0, 2]]
     assert np.allclose(np.linalg.norm(good, axis=1), 1, atol=1e-5) and not in_task["embedding"][[1, 3]].any()
+
+
+def test_a_tally_row_passes_every_step_untouched_and_the_writer_counts_it(tmp_path):
+    """Rows skipped as done are counted where they are skipped (the tally row of sources.skip_done) and reach the
+    driver through the writer, instead of being the remainder of what was read."""
+    from pipelines import sinks, sources
+    from storage.store import row_key
+
+    rows = sources.load_rows({"id": np.array(["a", "b", "c"]), "text": np.array(["one", "", "three"])}, "SRC")
+    done = np.array([row_key("SRC", "c", rows["content_hash"][2])])
+    batch = sources.skip_done(rows, done)
+    assert list(batch["done_rows"]) == [0, 0, 1]
+    ready = stages.preprocess(batch, "shapes-clip", "text", Options())
+    assert list(ready["error_type"]) == ["", "TextValidationError", ""], "the tally row is not decoded"
+    embedded = stages.EmbedBatch("shapes-clip", "text", Options(device="cpu"))(dict(ready))
+    assert not embedded["embedding"][2].any(), "nor embedded"
+    out = sinks.write_shard(embedded, str(tmp_path), "text", "shapes-clip", "d", "job1", ())
+    assert [(k, n) for k, n in zip(out["kind"], out["rows"])] == [("embeddings", 1), ("errors", 1), ("done", 1)]
+    assert out["path"][2] == "" and set(sinks.FATES) == set(out["kind"])
