@@ -82,19 +82,30 @@ def search(
     where: str | None = None,
     exact: bool = False,
     ef_search: int | None = None,
+    params: Sequence | dict | None = None,
 ) -> tuple[str, pa.Table]:
     """Top-k of a query (a text, or an image or audio file's path) over one modality's partition (default: the
-    query's own modality): -> (the model searched, rows id, uri, modality, model, score)."""
+    query's own modality): -> (the model searched, rows id, uri, modality, model, score). `where` is one SQL
+    expression over the partition's columns, its placeholders bound to `params`."""
+    if k < 1:
+        raise QueryError(f"k must be positive, not {k}")
     store = open_store(root)
     modality = modality or query_modality
     model = pick_model(store, modality, query_modality, model)
     vector = embed_query(model, query_modality, value)
-    rows = search_rows(root, vector, modality, model, k=k, where=where, use_index=not exact, ef_search=ef_search)
+    rows = search_rows(
+        root, vector, modality, model, k=k, where=where, params=params, use_index=not exact, ef_search=ef_search
+    )
     return model, rows
 
 
 def classify(
-    root: str, labels: Sequence[str], modality: str = "image", model: str | None = None, where: str | None = None
+    root: str,
+    labels: Sequence[str],
+    modality: str = "image",
+    model: str | None = None,
+    where: str | None = None,
+    params: Sequence | dict | None = None,
 ) -> tuple[pa.Table, Counter]:
     """Each item's best label by the model's text tower and its zero-shot score: -> (rows id, uri, label,
     probability; the count of each label)."""
@@ -105,15 +116,17 @@ def classify(
     model = pick_model(store, modality, "text", model)
     text_encoder = encoder(model)
     scale = getattr(text_encoder, "logit_scale", DEFAULT_LOGIT_SCALE)
-    result = classify_rows(root, text_encoder.encode("text", labels), labels, modality, model, scale, where=where)
+    vectors = text_encoder.encode("text", labels)
+    result = classify_rows(root, vectors, labels, modality, model, scale, where=where, params=params)
     counts = Counter(result["label"].to_pylist())
     return result, Counter({label: counts[label] for label in labels})
 
 
-def sql(root: str, statement: str) -> pa.Table:
-    """One read-only statement over the store's views, with the embed_* functions."""
+def sql(root: str, statement: str, params: Sequence | dict | None = None) -> pa.Table:
+    """One read-only statement over the store's views, with the embed_* functions and its placeholders bound to
+    `params`; it reads nothing outside the store (storage.query.lock_down)."""
     open_store(root)
-    return run_readonly(connect(root, embedder=embed_query), statement)
+    return run_readonly(connect(root, embedder=embed_query), statement, params)
 
 
 def run_job(cfg: JobConfig, **kwargs) -> dict:

@@ -66,7 +66,64 @@ def connect(root: str, embedder: Embedder | None = None) -> duckdb.DuckDBPyConne
     _jobs_view(con, store)
     if embedder is not None:
         _embed_functions(con, store, embedder, model_dims)
+    return lock_down(con)
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, configuration: bool = True) -> duckdb.DuckDBPyConnection:
+    """Once a connection's views and tables are set up, it reads nothing but them: no file, URL or database
+    (`read_csv`, `glob`, `ATTACH`...), no extension installed or loaded on demand, and (`configuration`) no setting
+    changed back. The Arrow datasets registered before still read the store through pyarrow, and the embed_* SQL
+    functions still read the files they are given: the one way a statement names a file."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
+    if configuration:
+        con.execute("SET lock_configuration = true")
     return con
+
+
+def one_line(e: duckdb.Error) -> str:
+    """DuckDB's message without the lines after it (the statement quoted back, a caret, hints): one line."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith("LINE ") or line.startswith("Please try"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
+def check_predicate(where: str) -> str:
+    """`where` if it is one SQL expression, which `WHERE (...)` keeps whole; QueryError naming it otherwise.
+
+    Parentheses must balance inside it, so that it cannot close the one put around it (`1=1) OR (1=1`), and it may
+    not end a statement (`;`)."""
+    if not where.strip():
+        raise QueryError(f"bad predicate {where!r}: it is empty")
+    try:
+        tokens = duckdb.tokenize(where)
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    depth = 0
+    for offset, kind in tokens:  # '(', ')' and ';' are tokens of their own; in a string or comment they are none
+        char = where[offset] if kind == duckdb.token_type.operator else ""
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            raise QueryError(f"bad predicate {where!r}: a ')' closes nothing; give one expression")
+        if char == ";":
+            raise QueryError(f"bad predicate {where!r}: ';' ends a statement; give one expression")
+    if depth:
+        raise QueryError(f"bad predicate {where!r}: a '(' is never closed")
+    try:
+        duckdb.extract_statements(predicate_sql("SELECT 1", where))
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    return where
+
+
+def predicate_sql(select: str, where: str) -> str:
+    """`select` filtered by the predicate `where`, on lines of its own: a `--` comment in it ends with its line."""
+    return f"{select} WHERE (\n{where}\n)"
 
 
 def recorded_inputs(root: str, modality: str) -> list[str]:
@@ -218,7 +275,7 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence | di
     try:
         return con.execute(sql, params).to_arrow_table()
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def check_readonly(sql: str) -> None:
@@ -233,7 +290,7 @@ def _parse(sql: str) -> list[duckdb.Statement]:
     try:
         return duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def _check(statement: duckdb.Statement) -> None:

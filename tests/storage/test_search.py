@@ -80,7 +80,7 @@ def test_where_filters_on_passthrough_columns(store, rng):
     assert got["id"].to_pylist() == want_ids
     np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-5)
     assert search(store.root, query, "text", "m", where="lang = 'xx'").num_rows == 0
-    with pytest.raises(QueryError, match="bad where predicate"):
+    with pytest.raises(QueryError, match="bad predicate"):
         search(store.root, query, "text", "m", where="no_such_column = 1")
     with pytest.raises(QueryError):
         search(store.root, query, "text", "m", where="1 = 1); DROP TABLE candidates; SELECT (1")
