@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 
 from encoders.errors import MmembedError
 
-from .schema import ERROR_SCHEMA, embedding_dim, embedding_schema
+from .schema import embedding_dim
 from .store import Store, check_modality, check_name, duckdb_connection
+from .views import ERRORS_SCHEMA, derived_views, embedding_columns, embeddings_schema
+from .views import newest as newest  # where storage.search and others have taken it from
 
-VIEWS = {"images": "image", "audio": "audio", "texts": "text"}
 EMBED_FUNCTIONS = {"embed_text": "text", "embed_image": "image", "embed_audio": "audio"}
 READ_ONLY = "SELECT, WITH, EXPLAIN, DESCRIBE or SHOW"
 
@@ -145,10 +146,6 @@ def open_store(root: str) -> Store:
     return store
 
 
-def newest(*keys: str) -> str:
-    return f"QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY created_at DESC, job_id DESC) = 1"
-
-
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -180,25 +177,9 @@ def _embedding_views(con: duckdb.DuckDBPyConnection, store: Store) -> dict[str, 
                 f"model {model} has {dim}-dim embeddings for {modality} but {model_dims[model]}-dim ones elsewhere"
             )
     width = max(dims.values(), default=1)
-    head = [*embedding_schema(width).names, "modality", "model", "dim"]
-    parts = []
-    for (modality, model), data in datasets.items():
-        vector = (
-            "embedding"
-            if dims[modality, model] == width
-            else f"list_resize(embedding::FLOAT[], {width}, 0.0)::FLOAT[{width}]"
-        )
-        columns = f"'{modality}' AS modality, '{model}' AS model, {dims[modality, model]} AS dim"
-        parts.append((data, f"* REPLACE ({vector} AS embedding), {columns}"))
-    empty = pa.schema(
-        [*embedding_schema(width), ("modality", pa.string()), ("model", pa.string()), ("dim", pa.int32())]
-    )
-    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], head)
-    con.execute(
-        f"CREATE VIEW embeddings AS SELECT * FROM _embeddings_all {newest('modality', 'source', 'id', 'model')}"
-    )
-    for view, modality in VIEWS.items():
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM embeddings WHERE modality = '{modality}'")
+    parts = [(data, embedding_columns(*key, dims[key], width)) for key, data in datasets.items()]
+    empty = embeddings_schema(width)
+    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], empty.names)
     return model_dims
 
 
@@ -207,15 +188,9 @@ def _errors_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         (store.dataset(files), f"*, '{check_modality(modality)}' AS modality")
         for (modality,), files in sorted(store.partitions("errors").items())
     ]
-    empty = ERROR_SCHEMA.append(pa.field("modality", pa.string()))
-    _union(con, "_errors_all", parts or [(empty.empty_table(), "*")], empty.names)
-    con.execute(f"""
-        CREATE VIEW errors AS
-        WITH embedded AS (SELECT modality, source, id, model, max(created_at) AS at FROM _embeddings_all GROUP BY ALL)
-        SELECT e.* FROM _errors_all e
-        WHERE NOT EXISTS (SELECT 1 FROM embedded x WHERE x.modality = e.modality AND x.source = e.source
-                          AND x.id = e.id AND x.model = e.model AND x.at > e.created_at)
-        {newest("modality", "source", "id", "model")}""")
+    _union(con, "_errors_all", parts or [(ERRORS_SCHEMA.empty_table(), "*")], ERRORS_SCHEMA.names)
+    for statement in derived_views():
+        con.execute(statement)
 
 
 def _jobs_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:

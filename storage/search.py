@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import index
-from .query import QueryError, check_predicate, check_readonly, lock_down, newest, one_line, open_store, predicate_sql
+from .query import QueryError, check_predicate, check_readonly, lock_down, one_line, open_store, predicate_sql
 from .schema import embedding_dim
 from .store import MODALITIES, Store, check_modality, duckdb_connection
+from .views import newest
 
 if TYPE_CHECKING:
     import torch

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from encoders.errors import MmembedError
 
+from . import views
 from .schema import ERROR_SCHEMA, conform, embedding_dim, embedding_schema
 
 TABLES = ("embeddings", "errors")  # the data tables under ROOT, each a tree of partitioned Parquet files
@@ -203,7 +204,18 @@ class Store:
         rel = f"{COMMITS}/{job_id}-{seq:06d}.json"
         self._write_json(rel, record)
         self._commits[rel] = record
+        self.write_views()
         return rel
+
+    def write_views(self) -> None:
+        """ROOT/views.sql: the views of the committed files now, for plain DuckDB (storage/views.py)."""
+        embedded = self.partitions("embeddings")
+        embeddings = {key: [self.uri(f) for f in files] for key, files in embedded.items()}
+        dims = {key: embedding_dim(self.schema(files[0])) for key, files in embedded.items()}
+        errors = {modality: [self.uri(f) for f in files] for (modality,), files in self.partitions("errors").items()}
+        jobs = self.uri(f"{JOBS}/*.json") if any(i.base_name.endswith(".json") for i in self._list(JOBS)) else None
+        text = views.script(embeddings, dims, errors, jobs).encode()
+        self._atomic(views.VIEWS_FILE, lambda f: f.write(text))
 
     def _records(self) -> list[dict]:
         """Every commit record; each is read once, since a record never changes once written."""
