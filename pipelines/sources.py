@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.options import FORMATS
+from storage.schema import PARTITION_COLUMNS, embedding_schema
 from storage.store import DUPLICATE, duckdb_connection, row_key
 
 from .errors import SourceError
@@ -46,6 +47,7 @@ EXTENSIONS = {
 MODALITY_OF = {ext: modality for modality, exts in EXTENSIONS.items() for ext in exts}
 LISTING_CHUNK = 50_000  # paths per listing file: bounds the driver's memory while listing
 SKIPPED_NAMED = 100  # skipped files or rows a job record names; the rest are only counted
+MAX_FILE_BYTES = 2 << 30  # the most of one file a read task holds: a batch of files is in memory at once
 _EXTENSION = r"^.+\.(?P<ext>[^.]+)$"  # of a last path component: `a.tar.gz` -> gz, `.png` -> none (a dotfile)
 _EXTS = pa.array(list(MODALITY_OF))
 _EXT_MODALITY = pa.array(list(MODALITY_OF.values()))
@@ -128,13 +130,23 @@ def _filesystem_of(prefix: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(prefix)[0]
 
 
+class FileTooLarge(SourceError):
+    """A file over MAX_FILE_BYTES: its row is an error, and no more of it is read."""
+
+
 def read_file(uri: str) -> bytes:
-    """The bytes of a local path or a `pyarrow.fs` URI (one filesystem per bucket and process)."""
-    if not is_uri(uri):
-        return Path(uri).read_bytes()
-    scheme, rest = uri.split("://", 1)
-    with _filesystem_of(f"{scheme}://{rest.split('/', 1)[0]}").open_input_stream(rest) as f:
-        return f.read()
+    """The bytes of a local path or a `pyarrow.fs` URI (one filesystem per bucket and process); FileTooLarge past
+    MAX_FILE_BYTES, found by reading one byte more, so that no file is held whole before that is known."""
+    if is_uri(uri):
+        scheme, rest = uri.split("://", 1)
+        with _filesystem_of(f"{scheme}://{rest.split('/', 1)[0]}").open_input_stream(rest) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    else:
+        with open(uri, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise FileTooLarge(f"the file is over {MAX_FILE_BYTES >> 30} GiB, the most a job reads of one file")
+    return data
 
 
 def remove_dir(path: str) -> None:
@@ -245,15 +257,35 @@ def _check_columns(schema: pa.Schema, path: str, passthrough: tuple[str, ...]) -
         raise SourceError(f"{path}: a raw-media dataset needs an 'id' column (has: {', '.join(sorted(names))})")
     if not names & {"data", "text"}:
         raise SourceError(f"{path}: a raw-media dataset needs a 'data' or 'text' column")
-    kinds = {"id": pa.types.is_string, "uri": pa.types.is_string, "modality": pa.types.is_string}
-    kinds |= {"text": pa.types.is_string, "data": pa.types.is_binary}
-    words = {pa.types.is_string: "strings", pa.types.is_binary: "binary (the file bytes)"}
-    for name, ok in kinds.items():
-        if name in names and not (ok(schema.field(name).type) or pa.types.is_null(schema.field(name).type)):
-            raise SourceError(f"{path}: column {name!r} must be {words[ok]}, not {schema.field(name).type}")
+    for name in RAW_COLUMNS:
+        kind = schema.field(name).type if name in names else pa.null()
+        binary = name == "data"
+        if not (pa.types.is_null(kind) or (_is_binary(kind) if binary else _is_string(kind))):
+            words = "binary (the file bytes)" if binary else "strings"
+            raise SourceError(f"{path}: column {name!r} must be {words}, not {kind}")
     missing = [c for c in passthrough if c not in names]
     if missing:
         raise SourceError(f"{path}: passthrough column {missing[0]!r} is not in the dataset")
+    taken = [c for c in passthrough if c in RESERVED]
+    if taken:
+        raise SourceError(
+            f"passthrough column {taken[0]!r} is one mmembed reads or writes itself: it cannot pass through"
+        )
+    if len(set(passthrough)) != len(passthrough):
+        raise SourceError(f"a passthrough column is named twice: {', '.join(passthrough)}")
+
+
+RAW_COLUMNS = ("id", "uri", "modality", "data", "text")  # what a raw-media dataset's own columns mean
+# Names a passthrough column cannot have: the raw-media columns, the store's, its partitions' and the views' `dim`.
+RESERVED = {*RAW_COLUMNS, *embedding_schema(1).names, *PARTITION_COLUMNS, "dim"}
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
 
 
 def _route_udf(ids: pa.ChunkedArray, stated: pa.ChunkedArray) -> pa.Array:
@@ -275,7 +307,7 @@ def _parquet_inventory(source: str, files: list[str] | str, passthrough: tuple[s
     names = set(dataset.schema.names)
     scheme = source.split("://", 1)[0] + "://" if is_uri(source) else ""
     inv = Inventory("parquet", source, sorted(scheme + f for f in dataset.files))
-    inv.columns = tuple(c for c in ("id", "uri", "modality", "data", "text") if c in names)
+    inv.columns = tuple(c for c in RAW_COLUMNS if c in names)
     con = duckdb_connection()
     varchar = duckdb.sqltypes.VARCHAR
     con.create_function("route", _route_udf, [varchar, varchar], varchar, type="arrow", null_handling="special")
@@ -323,8 +355,8 @@ def open_input(
         if inside is not None:
             raise SourceError(f"input {input_path} {inside} the store {root}: give an input outside it")
     if kind != pafs.FileType.Directory:
-        if fmt == "media":
-            raise SourceError(f"input {input_path} is a file: --format media needs a directory")
+        if fmt == "media" or modality_of(source) is not None:
+            raise SourceError(f"input {input_path} is a file: give the directory of media files that holds it")
         return _parquet_inventory(source, source, passthrough)
     inv = list_directory(source, staging, root, fmt)
     if inv.kind == "dir" and passthrough:
@@ -371,8 +403,9 @@ def load_rows(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray
         elif blob is None and "data" not in batch and "text" not in batch:
             try:
                 blob = read_file(uri)
-            except OSError as e:
-                blob, error, kind = b"", f"cannot read {uri}: {e.strerror or e}", type(e).__name__
+            except (OSError, FileTooLarge) as e:  # the file's own failure (gone, unreadable, too large), not the job's
+                reason = getattr(e, "strerror", None) or e
+                blob, error, kind = b"", f"cannot read {uri}: {reason}", type(e).__name__
         elif blob is None:
             blob, error, kind = b"", "row has no data", "MissingData"
         data.append(blob)

@@ -142,6 +142,14 @@ class EmbedBatch:
                 embeddings[index] = self.encoder.embed(self.modality, items)
             except Exception:
                 embeddings[index] = self._embed_each(items, errors, index)
+        broken = ~np.isfinite(embeddings).all(axis=1) & (errors["error_type"] == "")
+        for i in np.flatnonzero(broken):  # a vector of NaN or inf is no embedding (a 16-bit overflow, say)
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                "encode",
+                "NonFiniteEmbedding",
+                f"the encoder gave a vector with {int((~np.isfinite(embeddings[i])).sum())} NaN or infinite values",
+            )
+            embeddings[i] = 0
         out = {k: v for k, v in batch.items() if k not in ("features", "shape", *ERROR_COLUMNS)}
         out.update(errors)
         out["embedding"] = embeddings

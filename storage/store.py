@@ -134,10 +134,16 @@ class Store:
         return f"{self.root}/{rel}"
 
     def exists(self) -> bool:
-        return self.fs.get_file_info(self._fs[1]).type == pafs.FileType.Directory
+        return self._kind() == pafs.FileType.Directory
 
     def is_file(self) -> bool:
-        return self.fs.get_file_info(self._fs[1]).type == pafs.FileType.File
+        return self._kind() == pafs.FileType.File
+
+    def _kind(self) -> pafs.FileType:
+        try:
+            return self.fs.get_file_info(self._fs[1]).type
+        except OSError as e:  # an object store that refuses (no such bucket, no access), a path with no permission
+            raise StoreError(f"cannot reach the store {self.root}: {str(e).splitlines()[0]}") from None
 
     # -- writing (in workers) ---------------------------------------------------------
 

@@ -227,3 +227,35 @@ def test_unlistable_and_symlinked_directories_are_skipped_and_named(tmp_path: Pa
         "link/": "a symlinked directory (not followed)",
         "locked/": "cannot list directory: Permission denied",
     }
+
+
+def test_passthrough_columns_that_would_break_a_job_are_refused(tmp_path: Path):
+    """`--passthrough modality` (or text, or one named twice) once reached Ray as a traceback."""
+    table = pa.table(
+        {"id": ["a.txt"], "text": pa.array(["hi"], pa.large_string()), "modality": ["text"], "lang": ["en"]}
+    )
+    pq.write_table(table, tmp_path / "raw.parquet")
+    assert dict(sources.open_input(str(tmp_path / "raw.parquet"), str(tmp_path / "s"), ("lang",)).counts) == {"text": 1}
+    for columns, message in [
+        (("modality",), "passthrough column 'modality' is one mmembed reads or writes itself"),
+        (("text",), "passthrough column 'text' is one"),
+        (("lang", "lang"), "a passthrough column is named twice"),
+    ]:
+        with pytest.raises(SourceError, match=message):
+            sources.open_input(str(tmp_path / "raw.parquet"), str(tmp_path / "s"), columns)
+    (tmp_path / "photo.png").write_bytes(b"1")
+    with pytest.raises(SourceError, match="is a file: give the directory of media files that holds it"):
+        sources.open_input(str(tmp_path / "photo.png"), str(tmp_path / "s"))
+
+
+def test_a_file_over_the_read_limit_is_its_rows_error_and_is_not_read_whole(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 1 << 30)
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate((1 << 30) + 1)  # sparse: costs no disk
+    (tmp_path / "small.txt").write_text("fine")
+    rows = sources.load_rows(
+        {"id": np.array(["big.txt", "small.txt"]), "uri": np.array([str(big), str(tmp_path / "small.txt")])}, "S"
+    )
+    assert rows["read_error_type"][0] == "FileTooLarge" and "over 1 GiB" in rows["read_error"][0]
+    assert rows["data"][1] == b"fine" and rows["read_error"][1] == ""

@@ -73,3 +73,20 @@ def test_a_tally_row_passes_every_step_untouched_and_the_writer_counts_it(tmp_pa
     out = sinks.write_shard(embedded, str(tmp_path), "text", "shapes-clip", "d", "job1", ())
     assert [(k, n) for k, n in zip(out["kind"], out["rows"])] == [("embeddings", 1), ("errors", 1), ("done", 1)]
     assert out["path"][2] == "" and set(sinks.FATES) == set(out["kind"])
+
+
+def test_a_vector_of_nan_is_an_error_row_not_an_embedding():
+    ready = stages.preprocess(batch(), "shapes-clip", "image", Options())
+    actor = stages.EmbedBatch("shapes-clip", "image", Options(device="cpu"))
+    real = actor.encoder.embed
+
+    def embed(modality, items):
+        vectors = real(modality, items)
+        vectors[0] = np.nan
+        return vectors
+
+    actor.encoder.embed = embed
+    out = actor(dict(ready))
+    assert list(out["error_type"]) == ["NonFiniteEmbedding", "ImageValidationError", "", "OSError"]
+    assert out["error_stage"][0] == "encode" and "NaN or infinite" in out["error_message"][0]
+    assert np.isfinite(out["embedding"]).all()
