@@ -136,17 +136,21 @@ class FileTooLarge(SourceError):
 
 def read_file(uri: str) -> bytes:
     """The bytes of a local path or a `pyarrow.fs` URI (one filesystem per bucket and process); FileTooLarge past
-    MAX_FILE_BYTES, found by reading one byte more, so that no file is held whole before that is known."""
+    MAX_FILE_BYTES, known from the file's size before any of it is read."""
     if is_uri(uri):
         scheme, rest = uri.split("://", 1)
-        with _filesystem_of(f"{scheme}://{rest.split('/', 1)[0]}").open_input_stream(rest) as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    else:
-        with open(uri, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise FileTooLarge(f"the file is over {MAX_FILE_BYTES >> 30} GiB, the most a job reads of one file")
-    return data
+        with _filesystem_of(f"{scheme}://{rest.split('/', 1)[0]}").open_input_file(rest) as f:
+            return f.read() if _fits(f.size()) else b""
+    with open(uri, "rb") as f:
+        return f.read() if _fits(os.fstat(f.fileno()).st_size) else b""
+
+
+def _fits(size: int) -> bool:
+    if size > MAX_FILE_BYTES:
+        raise FileTooLarge(
+            f"the file is {size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES / 2**30:g} GiB a job reads of one file"
+        )
+    return True
 
 
 def remove_dir(path: str) -> None:

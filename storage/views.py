@@ -10,8 +10,9 @@ ROOT/views.sql, rewritten at each commit, holds the statements that make the sam
 (`duckdb -init ROOT/views.sql` in the DuckDB shell). They read only the committed files, listed by their absolute
 paths or URIs (an s3:// ROOT needs DuckDB's httpfs and the AWS variables), type each embedding FLOAT[dim], padded with
 zeros to the widest model's as in `mmembed sql`, and keep the newest row per (modality, source, id, model), so a
-re-embedded item shows once and a half-written job not at all. A store moved elsewhere gets a fresh views.sql at its
-next commit.
+re-embedded item shows once and a half-written job not at all. It is written after the commit record it reflects,
+so a job killed between the two leaves it one commit behind (never ahead) until the next commit; a store moved
+elsewhere gets a fresh one at its next commit too.
 """
 
 from __future__ import annotations
