@@ -208,24 +208,33 @@ class _Listing:
 
 
 def _walk_local(top: Path, exclude: Path | None, listing: _Listing) -> None:
-    """Every file under `top` in sorted order; unreadable or symlinked directories are skipped and named."""
-
-    def unreadable(e: OSError) -> None:
-        rel = Path(e.filename).relative_to(top).as_posix() if e.filename else "."
-        listing.inv.skip(rel + "/", f"cannot list directory: {e.strerror}")
-
-    for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):
-        here = Path(dirpath)
-        for d in list(dirnames):
-            if exclude is not None and here / d == exclude:
-                dirnames.remove(d)
-            elif (here / d).is_symlink():
-                dirnames.remove(d)
-                listing.inv.skip((here / d).relative_to(top).as_posix() + "/", "a symlinked directory (not followed)")
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = here / name
-            listing.add(path.relative_to(top).as_posix(), str(path))
+    """Every file under `top`, each directory's files (sorted) before its subdirectories (sorted). Skipped and named:
+    directories that cannot be listed or are symlinks (not followed: they may loop), and what is not a file (a
+    FIFO would block its read forever); a symlink to a file is read as the file."""
+    pending = [top]
+    while pending:
+        here = pending.pop()
+        rel = here.relative_to(top).as_posix()
+        try:
+            with os.scandir(here) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as e:
+            listing.inv.skip(f"{rel}/", f"cannot list directory: {e.strerror}")
+            continue
+        subdirectories = []
+        for entry in entries:
+            path = here / entry.name
+            name = path.relative_to(top).as_posix()
+            if entry.is_dir(follow_symlinks=False):
+                if exclude is None or path != exclude:
+                    subdirectories.append(path)
+            elif entry.is_symlink() and entry.is_dir():
+                listing.inv.skip(f"{name}/", "a symlinked directory (not followed)")
+            elif entry.is_file() or entry.is_symlink():  # a broken link is listed: its row says it cannot be read
+                listing.add(name, str(path))
+            else:
+                listing.inv.skip(name, "not a regular file")
+        pending.extend(reversed(subdirectories))
 
 
 def _walk_uri(fs: pafs.FileSystem, top: str, scheme: str, exclude: str | None, listing: _Listing) -> None:

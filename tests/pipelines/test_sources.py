@@ -221,11 +221,13 @@ def test_unlistable_and_symlinked_directories_are_skipped_and_named(tmp_path: Pa
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+    os.mkfifo(media / "pipe.wav")  # reading it would block the read task forever
     inv = sources.open_input(str(media), str(tmp_path / "s"))
-    assert inv.skipped == 2 and not inv.counts
+    assert inv.skipped == 3 and not inv.counts
     assert {s["id"]: s["reason"] for s in inv.skipped_named} == {
         "link/": "a symlinked directory (not followed)",
         "locked/": "cannot list directory: Permission denied",
+        "pipe.wav": "not a regular file",
     }
 
 
