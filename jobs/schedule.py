@@ -106,11 +106,17 @@ def state_path(config: Scheduled) -> Path:
 
 def load_state(config: Scheduled) -> RunState | None:
     """The job's recorded last run, or None if it has never run."""
+    path = state_path(config)
     try:
-        record = json.loads(state_path(config).read_text())
+        record = json.loads(path.read_text())
+        return RunState(datetime.fromisoformat(record["last_run"]), record["status"])
     except FileNotFoundError:
         return None
-    return RunState(datetime.fromisoformat(record["last_run"]), record["status"])
+    except NotADirectoryError:
+        raise ScheduleError(f"job {config.name!r}: ROOT {config.root} is a file, not a store") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise ScheduleError(f"job {config.name!r}: its state {path} is unreadable ({reason}); delete it") from None
 
 
 def save_state(config: Scheduled, state: RunState) -> None:
@@ -169,7 +175,15 @@ class Scheduler:
         now = self.clock()
         results = []
         for config, lock in zip(self.configs, self.locks):
-            scheduled = due(config, load_state(config), now)
+            try:
+                scheduled = due(config, load_state(config), now)
+            except ScheduleError as e:  # this job's own state is broken: the others still run
+                log.warning("job %s: failed %s", config.name, e)
+                results.append(
+                    {"job": config.name, "root": config.root, "scheduled": None, "status": "failed", "result": None}
+                    | {"error": str(e)}
+                )
+                continue
             result = None if scheduled is None else self._run(config, lock, scheduled, now)
             if result is not None:
                 level = logging.INFO if result["status"] == "ok" else logging.WARNING

@@ -96,7 +96,12 @@ class RootLock:
                 self.root,
                 self.path,
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise LockError(f"{self.root} is a file, not a store (or lies under one)") from None
+        except OSError as e:
+            raise LockError(f"cannot lock {self.root}: {e.strerror}") from None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             holder = self._attempt()

@@ -99,6 +99,28 @@ def test_a_cron_expression_that_never_fires_is_one_line_from_the_cli(tmp_path, c
     assert err.startswith("mmembed: error: job 'never': bad cron expression '0 0 31 2 *'") and err.count("\n") == 1
 
 
+def test_a_root_that_is_a_file_fails_its_run_with_one_line(tmp_path, capsys):
+    """Its lock once raised FileExistsError through the scheduler."""
+    from jobs.cli import main
+
+    (tmp_path / "store").write_text("a file")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {tmp_path}\nroot: {tmp_path / 'store'}\nschedule: '0 * * * *'\n")
+    assert main(["schedule", str(cfg), "--once"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("is a file, not a store")
+
+
+def test_an_unreadable_state_fails_its_job_only(tmp_path):
+    """A state file that is not the scheduler's JSON raised ValueError or KeyError through every job."""
+    broken, fine = Job("broken", str(tmp_path / "a")), Job("fine", str(tmp_path / "b"))
+    state_path(broken).parent.mkdir(parents=True)
+    state_path(broken).write_text('{"last_run": "yesterday"}')
+    recorder = Recorder()
+    results = Scheduler([broken, fine], recorder, clock=lambda: at(12, 1)).run_once()
+    assert [(r["job"], r["status"]) for r in results] == [("broken", "failed"), ("fine", "ok")]
+    assert "its state" in results[0]["error"] and "unreadable" in results[0]["error"] and recorder.ran == ["fine"]
+
+
 def test_a_home_relative_root_is_locked_and_recorded_where_the_job_writes(tmp_path, monkeypatch):
     """The scheduler locked `~/store` unexpanded (a directory named '~' under the working directory) while the job
     it ran locked and wrote the expanded path."""
