@@ -168,7 +168,7 @@ def report(record: dict, as_json: bool) -> None:
         return
     output.table(
         [
-            {"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored")}}
+            {"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored", "already_done")}}
             for k, v in record["counts"].items()
         ]
     )
