@@ -93,7 +93,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        if onednn.applies(x) and self.activation in POST_OPS:
+        if onednn.applies(x) and self.activation in POST_OPS and isinstance(self.fc1, Linear):  # not an Int8Linear
             return self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, POST_OPS[self.activation]))
         if onednn.applies(x) and self.activation == "quick_gelu":
             h = self.fc1(x)

@@ -26,7 +26,7 @@ from .block import ACTIVATIONS, Linear
 from .checkpoint import Table
 from .errors import ConversionError, ModelLoadError
 from .htsat import HTSAT, BatchNorm, HTSATDims
-from .model import TOWERS, Encoder, Item
+from .model import TOWERS, Encoder, Item, softmax_scores
 from .options import Options
 from .text import TextTokenizer
 from .vocab import roberta_bpe
@@ -101,16 +101,6 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def zero_shot(embeddings: np.ndarray, label_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
-    """(n, dim) embeddings, (labels, dim) label embeddings -> (n, labels) probabilities: the softmax over labels of
-    logit_scale times the cosine, as transformers' `logits_per_audio.softmax(-1)`."""
-    a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    b = label_embeddings / np.linalg.norm(label_embeddings, axis=1, keepdims=True)
-    logits = logit_scale * (a @ b.T)
-    logits = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return logits / logits.sum(axis=1, keepdims=True)
-
-
 class ClapEncoder(Encoder):
     modalities = TOWERS["clap"]
 
@@ -140,9 +130,9 @@ class ClapEncoder(Encoder):
         """What zero-shot classification of audio multiplies cosines by before its softmax over labels."""
         return float(self.model.logit_scale_a.float().exp())
 
-    def zero_shot(self, embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
-        """Audio embeddings and label (text) embeddings -> (n, labels) probabilities, as ClapModel's."""
-        return zero_shot(embeddings, label_embeddings, self.logit_scale)
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot: a softmax over the labels of exp(logit_scale_a) · cos, as ClapModel's `logits_per_audio`."""
+        return softmax_scores(cosines, self.logit_scale)
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)

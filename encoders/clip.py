@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import checkpoint, image
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
-from .model import TOWERS, Encoder, Item
+from .model import TOWERS, Encoder, Item, softmax_scores
 from .options import Options
 from .text import TextTokenizer
 from .vocab import BOS, EOS, clip_bpe
@@ -176,7 +176,11 @@ class ClipEncoder(Encoder):
     @property
     def logit_scale(self) -> float:
         """What CLIP multiplies cosine similarities by before its zero-shot softmax."""
-        return float(self.model.logit_scale.float().exp())
+        return float(self.stored.tensors["logit_scale"].float().exp())
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot: a softmax over the labels (the last axis) of logit_scale · cos."""
+        return softmax_scores(cosines, self.logit_scale)
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)
@@ -405,7 +409,9 @@ def export_hf(stored: StoredModel, dest: Path) -> Path:
         image_std=p["std"],
     )
     tokenizer_config = dict(
-        tokenizer_class="CLIPTokenizer",
+        # the tokenizer.json as it is: transformers' CLIPTokenizer would rebuild CLIP's BPE pipeline around its
+        # vocabulary, mis-tokenising any other tokenizer (the word-level one of shapes-clip)
+        tokenizer_class="PreTrainedTokenizerFast",
         model_max_length=dims.context_length,
         bos_token=BOS,
         eos_token=EOS,

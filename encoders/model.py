@@ -30,8 +30,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for a model that has none of its own
+
+
+def softmax_scores(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
+    """cosines (..., n_labels) -> the probability of each label, the labels competing (each row sums to 1)."""
+    logits = logit_scale * np.asarray(cosines, dtype=np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
 # what each model kind embeds
-TOWERS = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",), "clap": ("audio", "text")}
+TOWERS = {
+    "clip": ("image", "text"),
+    "siglip": ("image", "text"),
+    "whisper": ("audio",),
+    "bert": ("text",),
+    "clap": ("audio", "text"),
+}
 
 
 Item = np.ndarray | str
@@ -88,14 +104,24 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
+        from . import int8
         from .onednn import computes
 
-        if self.options.torch_device.type == "cpu" and not computes(self.options.torch_dtype):
+        cpu = self.options.torch_device.type == "cpu"
+        if cpu and not computes(self.options.torch_dtype):
             log.warning(
                 f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
                 "expect it several times slower than float32"
             )
-        return self.build(self.stored)
+        if self.options.dtype != "int8":
+            return self.build(self.stored)
+        if cpu and not int8.cpu_has_vnni():
+            log.warning(
+                f"{self.name}: this CPU has no int8 dot-product instructions (VNNI): int8 runs no faster than float32"
+            )
+        if not cpu:
+            raise ModelLoadError(f"{self.name}: dtype int8 runs on the CPU only")
+        return int8.quantize(self.build(self.stored))
 
     @abstractmethod
     def build(self, stored: StoredModel) -> torch.nn.Module:
@@ -112,6 +138,18 @@ class Encoder(ABC):
 
     def preprocess(self, modality: str, raw: bytes | str) -> Item:
         return self.inputs(modality, raw)
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot classification: cosines (..., n_labels) of items with each label's text embedding -> the
+        probabilities the model was trained to give (CLIP, CLAP: a softmax over the labels; SigLIP: a sigmoid per
+        label). A model trained for none (a sentence encoder) gets CLIP's softmax at CLIP's trained temperature."""
+        return softmax_scores(cosines, DEFAULT_LOGIT_SCALE)
+
+    def zero_shot(self, embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
+        """(n, dim) item embeddings, (labels, dim) label text embeddings -> (n, labels) probabilities, by `score`."""
+        a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        b = label_embeddings / np.linalg.norm(label_embeddings, axis=1, keepdims=True)
+        return self.score(a @ b.T)
 
     @abstractmethod
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:

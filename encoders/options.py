@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
 
 MODALITIES = ("image", "audio", "text")  # what an input item is, and what an encoder tower embeds
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: quantised linears, the rest in float32 (encoders/int8.py)
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where there is one
 AUDIO_MODES = ("trimmed", "padded")  # Whisper features: the clip's own frames, or whole 30 s windows
 FORMATS = ("auto", "media", "parquet")  # what a job's INPUT is: decided by its files, or said by the user
@@ -37,6 +37,8 @@ class Options:
             raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.audio_mode not in AUDIO_MODES:
             raise ModelLoadError(f"audio mode must be one of {', '.join(AUDIO_MODES)}, not {self.audio_mode!r}")
+        if self.dtype == "int8" and self.device == "cuda":
+            raise ModelLoadError("dtype int8 runs on the CPU only (PyTorch's quantized CPU kernels): use --device cpu")
         if self.device not in (None, *DEVICES[1:]):
             raise ModelLoadError(f"device must be one of {', '.join(DEVICES[1:])} or None, not {self.device!r}")
         if not (self.max_audio_seconds > 0 and self.max_text_bytes > 0):
@@ -59,4 +61,4 @@ class Options:
     def torch_dtype(self) -> torch.dtype:
         import torch
 
-        return getattr(torch, self.dtype)
+        return torch.float32 if self.dtype == "int8" else getattr(torch, self.dtype)

@@ -14,6 +14,7 @@ from .options import Options
 
 ENCODER_CLASSES = {
     "clip": "encoders.clip:ClipEncoder",
+    "siglip": "encoders.siglip:SiglipEncoder",
     "whisper": "encoders.whisper:WhisperEncoder",
     "bert": "encoders.bert:BertEncoder",
     "clap": "encoders.clap:ClapEncoder",

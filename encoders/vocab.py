@@ -7,8 +7,10 @@ text tower), as transformers' RobertaTokenizer builds it: byte-level BPE on the 
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -17,6 +19,9 @@ from tokenizers.trainers import BpeTrainer
 from .errors import ConversionError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# OpenAI's merges as OpenAI and open_clip ship them (MIT, see its LICENSE file): one "#version" line, then merges
+OPENAI_BPE = Path(__file__).parent / "bundled" / "bpe_simple_vocab_16e6.txt.gz"
+OPENAI_MERGES = 49152 - 256 - 2  # the merges OpenAI's SimpleTokenizer reads: 49408 tokens in all
 # RoBERTa's special tokens by tokenizer_config key, for a config that names none
 ROBERTA_SPECIALS = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
@@ -68,6 +73,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> str:
     tokenizer.train_from_iterator(texts, trainer)
     merges = [tuple(m) for m in json.loads(tokenizer.to_str())["model"]["merges"]][: vocab_size - len(base) - 2]
     tokens = list(dict.fromkeys(base + ["".join(m) for m in merges])) + [BOS, EOS]
+    return clip_bpe({t: i for i, t in enumerate(tokens)}, merges)
+
+
+def openai_bpe() -> str:
+    """OpenAI's CLIP vocabulary, which OpenCLIP's CLIP models use and OpenCLIP directories do not carry ->
+    tokenizer.json text. Ids as OpenAI's SimpleTokenizer numbers them (its special tokens, named differently there,
+    are BOS 49406 and EOS 49407), so they equal transformers' for openai/clip-vit-*."""
+    lines = gzip.decompress(OPENAI_BPE.read_bytes()).decode("utf-8").split("\n")[1 : OPENAI_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # code-point order = OpenAI's byte order
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
     return clip_bpe({t: i for i, t in enumerate(tokens)}, merges)
 
 

@@ -12,13 +12,14 @@ import sys
 
 from encoders.errors import MmembedError
 
-from .commands import demo, embed, encode, models, schedule, search, sql
+from .commands import demo, embed, encode, models, schedule, search, serve, sql
 from .options import Parser
 
 EPILOG = """examples:
   mmembed embed ./media ./store                 embed a directory into a store
   mmembed query ./store --text "a red circle" --modality image -k 5
   mmembed sql ./store "SELECT modality, model, count(*) FROM embeddings GROUP BY ALL"
+  mmembed serve ./store                         a search page at http://127.0.0.1:8088/
   mmembed encode minilm-l6 --text "hello world" --json
   mmembed demo                                  the bundled sample set, end to end
 
@@ -35,6 +36,7 @@ COMMANDS = (
     search.classify_parser,
     sql.sql_parser,
     sql.jobs_parser,
+    serve.serve_parser,
     encode.encode_parser,
     demo.bench_parser,
     demo.demo_parser,

@@ -117,4 +117,5 @@ def run_demo(out: Path) -> dict:
     path = contact_sheet(sheet, out / "contact_sheet.png")
     print(f"\ncontact sheet of the text -> image results: {path}", file=sys.stderr)
     print(f'try: mmembed query {root} --text "a blue star" --modality image --model shapes-clip -k 5', file=sys.stderr)
+    print(f"search page: mmembed serve {root}   then open http://127.0.0.1:8088/", file=sys.stderr)
     return {"record": record, "text_to_image": sheet, "classify": labelled, "voices": voices}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,9 +30,10 @@ class _Partition:
 
     files: tuple[str, ...]
     matrix: np.ndarray  # (rows, dim) float32, each row L2-normalised
-    labels: pa.Table  # id, uri of each matrix row
+    labels: pa.Table  # id, uri, source of each matrix row
     con: duckdb.DuckDBPyConnection  # table `candidates`: every file column but the embedding, and `_row`
     half: torch.Tensor | None = None  # the matrix in float16, for the first pass over a large partition
+    extra: tuple[str, ...] = ()  # the file columns beyond the store's own (passthrough), for searches with details
 
 
 HALF_ROWS = 200_000  # from this many rows, a search scans a float16 copy first: the scan is bound by memory traffic
@@ -53,6 +54,7 @@ def search(
     params: Sequence | dict | None = None,
     use_index: bool = True,
     ef_search: int | None = None,
+    details: bool = False,
 ) -> pa.Table:
     """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
 
@@ -61,7 +63,9 @@ def search(
     A whole-partition search uses the partition's HNSW index when a fresh one exists (see
     `build_index`; approximate, with `ef_search` candidates) unless `use_index` is False;
     otherwise the search is exact.
-    Returns columns id, uri, modality, model, score.
+    Returns columns id, uri, modality, model, score; with `details`, also `source` and `columns`, a struct of
+    the row's other file columns (passthrough ones), from the cached partition: an HNSW index keeps only ids and
+    uris, so a search with details is always exact.
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
@@ -70,7 +74,8 @@ def search(
     if ef_search is not None and not 1 <= ef_search <= index.INT32:
         raise QueryError(f"ef_search must be from 1 to {index.INT32}, not {ef_search}")
     store = open_store(root)
-    hnsw = index.fresh(store, modality, model, _files(store, modality, model)) if use_index and where is None else None
+    exact = details or where is not None or not use_index
+    hnsw = None if exact else index.fresh(store, modality, model, _files(store, modality, model))
     part = None if hnsw else _partition(store, modality, model)
     query = _unit(vector, hnsw.dim if hnsw else part.matrix.shape[1], model)
     if hnsw:
@@ -79,7 +84,7 @@ def search(
         top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
         ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
     n = len(ids)
-    return pa.table(
+    table = pa.table(
         {
             "id": ids,
             "uri": uris,
@@ -88,6 +93,40 @@ def search(
             "score": pa.array(scores, pa.float32()),
         }
     )
+    return _with_details(part, top, table) if details else table
+
+
+# -- what the search page needs (jobs/serve): the rows' other columns, a stored row's vector ---------------------
+
+STORED = ("id", "uri", "source", "content_hash", "embedding", "model_digest", "job_id", "created_at", "_row")
+
+
+def _with_details(part: _Partition, top: np.ndarray, table: pa.Table) -> pa.Table:
+    """`table` (the rows `top` of `part`) with their `source` and a struct `columns` of the passthrough ones."""
+    columns = pa.array([{}] * len(top), pa.struct([]))
+    if part.extra:
+        with part.con.cursor() as cursor:
+            found = cursor.execute(
+                f"SELECT _row, {', '.join(_ident(n) for n in part.extra)} FROM candidates "
+                "WHERE _row IN (SELECT unnest(?::BIGINT[]))",
+                [top.tolist()],
+            ).to_arrow_table()
+        at = dict(zip(found["_row"].to_pylist(), range(found.num_rows)))
+        found = found.take(pa.array([at[int(r)] for r in top], pa.int64()))
+        columns = pa.StructArray.from_arrays([found[n].combine_chunks() for n in part.extra], names=list(part.extra))
+    return table.append_column("source", part.labels["source"].take(top)).append_column("columns", columns)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def stored_vector(root: str, modality: str, model: str, source: str, id_: str) -> np.ndarray | None:
+    """The unit vector of the newest row (source, id) of one partition, from the cached matrix; None if none."""
+    part = _partition(open_store(root), modality, model)
+    with part.con.cursor() as cursor:
+        rows = cursor.execute("SELECT _row FROM candidates WHERE source = ? AND id = ?", [source, id_]).fetchall()
+    return part.matrix[rows[0][0]].copy() if rows else None
 
 
 def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
@@ -170,15 +209,16 @@ def classify(
     labels: Sequence[str],
     modality: str,
     model: str,
-    scale: float,
+    score: Callable[[np.ndarray], np.ndarray],
     where: str | None = None,
     params: Sequence | dict | None = None,
 ) -> pa.Table:
-    """Zero-shot classification of one modality and model's rows: each row's best label and its probability,
-    a softmax over `scale` x the cosine similarity to every label vector (CLIP's zero-shot rule).
+    """Zero-shot classification of one modality and model's rows: each row's best label, its cosine similarity
+    to that label, and its probability by the model's own rule, `score(cosines (rows, labels)) -> probabilities`
+    (CLIP: a softmax over the labels; SigLIP: a sigmoid per label).
 
     `label_vectors` is (labels, dim), as the model's text tower embeds the labels; `where` as for `search`.
-    Returns columns id, uri, label, probability, in the partition's row order.
+    Returns columns id, uri, label, cosine, probability, in the partition's row order.
     """
     check_modality(modality)
     vectors = np.asarray(label_vectors, dtype=np.float32)
@@ -192,19 +232,21 @@ def classify(
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     rows = np.arange(len(part.matrix)) if where is None else _candidates(part, where, params)
     best = np.empty(len(rows), dtype=np.int64)
+    cosine = np.empty(len(rows), dtype=np.float32)
     probability = np.empty(len(rows), dtype=np.float32)
     for start in range(0, len(rows), CLASSIFY_CHUNK):
-        logits = scale * (part.matrix[rows[start : start + CLASSIFY_CHUNK]] @ vectors.T)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        best[start : start + len(p)] = p.argmax(1)
-        probability[start : start + len(p)] = p.max(1)
+        cosines = part.matrix[rows[start : start + CLASSIFY_CHUNK]] @ vectors.T
+        p = score(cosines)
+        chunk = slice(start, start + len(p))
+        best[chunk] = p.argmax(1)
+        cosine[chunk] = np.take_along_axis(cosines, best[chunk, None], 1)[:, 0]
+        probability[chunk] = p.max(1)
     return pa.table(
         {
             "id": part.labels["id"].take(rows),
             "uri": part.labels["uri"].take(rows),
             "label": pa.array(labels, pa.string()).take(best),
+            "cosine": pa.array(cosine, pa.float32()),
             "probability": pa.array(probability, pa.float32()),
         }
     )
@@ -278,4 +320,5 @@ def _load(store: Store, files: tuple[str, ...]) -> _Partition:
         import torch
 
         half = torch.from_numpy(matrix).half()
-    return _Partition(files, matrix, meta.select(["id", "uri"]), con, half)
+    extra = tuple(n for n in meta.column_names if n not in STORED)
+    return _Partition(files, matrix, meta.select(["id", "uri", "source"]), con, half, extra)

@@ -70,6 +70,6 @@ def bench_parser(sub: Subparsers) -> Parser:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from ..bench import run
+    from ..bench.main import run
 
     return run(args.modality, args.n, args.quick, args.out, args.json)

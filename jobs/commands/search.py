@@ -89,8 +89,8 @@ def classify_parser(sub: Subparsers) -> Parser:
         "zero-shot classification of a store's items against text labels",
         'mmembed classify ./store --labels "a red circle,a blue square,a green star" --out labels.parquet',
         description="Label every item of one modality with the best of the given texts, by the model's text tower and "
-        "CLIP's zero-shot softmax; prints label and probability per item, or writes them to Parquet with --out. Label "
-        "counts go to stderr.",
+        "the model's own zero-shot score (CLIP, CLAP: a softmax over the labels; SigLIP: a sigmoid per label); prints "
+        "label, probability and cosine per item, or writes them to Parquet with --out. Label counts go to stderr.",
         parents=(JSON,),
     )
     p.add_argument("root", metavar="ROOT")
@@ -104,7 +104,7 @@ def classify_parser(sub: Subparsers) -> Parser:
     p.add_argument("--model", metavar="NAME", help="which model's partition (default: the only one with a text tower)")
     where(p, "SQL predicate on the table's columns: classify only those rows")
     param(p)
-    p.add_argument("--out", metavar="F", help="write id, uri, label, probability to this Parquet file")
+    p.add_argument("--out", metavar="F", help="write id, uri, label, cosine, probability to this Parquet file")
     return p
 
 
@@ -123,7 +123,7 @@ def classify(args: argparse.Namespace) -> int:
     if args.json:
         output.emit_json(result.to_pylist())
     elif not args.out:
-        output.table(result.to_pylist(), ["label", "probability", "id"])
+        output.table(result.to_pylist(), ["label", "probability", "cosine", "id"])
     return 0
 
 

@@ -18,10 +18,10 @@ from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, Roberta
 
 from encoders import clap_audio, registry, weights
 from encoders.clap import ClapEncoder, convert_hf, preprocess_from_hf
-from encoders.clap_reference import bench_audio, write_reference
 from encoders.convert import convert, detect
 from encoders.errors import ConversionError
 from encoders.model import Options
+from jobs.bench.clap import bench_audio, write_reference
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "audio"
 SPEECH = Path(__file__).parents[2] / "jobs" / "sample_media" / "speech"

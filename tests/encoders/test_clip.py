@@ -419,3 +419,18 @@ def test_clip_trains_with_a_contrastive_loss(tiny_clip):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert asdict(model.dims) == tiny_clip.config
+
+
+def test_scores_are_clips_zero_shot_softmax(tmp_path, photos, clip_tokenizer_json):
+    model = hf_clip()
+    path = save_hf(model, tmp_path, clip_tokenizer_json, 36)
+    encoder = ClipEncoder("tiny", convert_hf(path))
+    labels = PROMPTS[:3]
+    pixels = CLIPImageProcessorPil.from_pretrained(path)(
+        images=[Image.open(io.BytesIO(photos[n])) for n in IMAGES[:2]], return_tensors="pt"
+    )["pixel_values"]
+    tokens = CLIPTokenizer.from_pretrained(path)(labels, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(pixel_values=pixels, **tokens).logits_per_image
+    cos = encoder.encode("image", [photos[n] for n in IMAGES[:2]]) @ encoder.encode("text", labels).T
+    np.testing.assert_allclose(encoder.score(cos), logits.softmax(-1).numpy(), atol=1e-5)

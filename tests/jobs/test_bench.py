@@ -18,8 +18,7 @@ import soundfile as sf
 from PIL import Image
 
 from encoders import audio
-from jobs import bench
-from jobs.bench import data, memory, plan, report
+from jobs.bench import data, main, memory, plan, report
 from pipelines.embed import FREE_CPUS, MIN_ACTOR_CPUS
 
 TINY_CLIP = {
@@ -73,7 +72,7 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("bench")
-    result = bench.measure(PLAN, out)
+    result = main.measure(PLAN, out)
     return out, result, report.write_reports(result, out, out / "copy" / "result.json")
 
 

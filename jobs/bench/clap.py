@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import clap_audio
+from encoders import clap_audio
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # RoBERTa's ids 0-3; <mask> takes the last id
 CAPTIONS = (
@@ -113,8 +113,8 @@ def bench_audio(
     import torch
     from transformers import ClapFeatureExtractor, ClapModel
 
-    from .clap import ClapEncoder, convert_hf
-    from .options import Options
+    from encoders.clap import ClapEncoder, convert_hf
+    from encoders.options import Options
 
     with tempfile.TemporaryDirectory() as tmp:
         src = src or write_reference(Path(tmp) / "clap", LAION_AUDIO, BENCH_TEXT, LAION_FEATURES, projection_dim=512)
