@@ -66,9 +66,10 @@ def route(ids: pa.Array | pa.ChunkedArray, stated: pa.Array | pa.ChunkedArray | 
 
     `stated` (a `modality` column) wins where it holds a value; an unknown one (`video`) routes nowhere.
     Elsewhere the id's extension decides (see EXTENSIONS)."""
-    by_extension = _EXT_MODALITY.take(pc.index_in(extensions(ids), value_set=_EXTS))
+    by_extension = _EXT_MODALITY.take(pc.index_in(extensions(ids.cast(pa.string())), value_set=_EXTS))
     if stated is None:
         return by_extension
+    stated = stated.cast(pa.string())  # from large_string, or null when a file's column holds no value at all
     stated = pc.if_else(pc.equal(stated, ""), pa.scalar(None, pa.string()), stated)
     known = pc.if_else(pc.is_in(stated, value_set=_MODALITIES), stated, pa.scalar(None, pa.string()))
     return pc.if_else(pc.is_valid(stated), known, by_extension)

@@ -102,6 +102,8 @@ def test_one_routing_rule_counts_what_the_read_tasks_keep(tmp_path: Path):
     assert dict(inv.counts) == {m: len(rows) for m, rows in kept.items() if rows}
     assert inv.skipped == len(ids) - sum(map(len, kept.values()))
     assert kept["image"] == [".hidden.png", "x.PNG", "a..png", "stated.txt", "stated.png"]
+    large = table.cast(pa.schema([("id", pa.large_string()), ("modality", pa.large_string()), ("data", pa.binary())]))
+    assert sources.of_modality(large, "image")["id"].to_pylist() == kept["image"], "large_string columns route alike"
     assert [sources.modality_of(i) for i in TRICKY] == list(TRICKY.values())
     reasons = {s["id"]: s["reason"] for s in inv.skipped_named}
     assert reasons["a/.png"] == "no file extension" and reasons["b/c.tar.gz"] == "unknown extension .gz"
