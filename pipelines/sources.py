@@ -141,17 +141,18 @@ def read_file(uri: str) -> bytes:
     if is_uri(uri):
         scheme, rest = uri.split("://", 1)
         with _filesystem_of(f"{scheme}://{rest.split('/', 1)[0]}").open_input_file(rest) as f:
-            return f.read() if _fits(f.size()) else b""
+            _check_size(f.size())
+            return f.read()
     with open(uri, "rb") as f:
-        return f.read() if _fits(os.fstat(f.fileno()).st_size) else b""
+        _check_size(os.fstat(f.fileno()).st_size)
+        return f.read()
 
 
-def _fits(size: int) -> bool:
+def _check_size(size: int) -> None:
     if size > MAX_FILE_BYTES:
         raise FileTooLarge(
             f"the file is {size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES / 2**30:g} GiB a job reads of one file"
         )
-    return True
 
 
 def remove_dir(path: str) -> None:
@@ -179,7 +180,7 @@ class _Listing:
         self.ids: list[str] = []
         self.uris: list[str] = []
         self.parquet: list[str] = []  # every Parquet file, in case the directory is a dataset
-        self.others = 0  # files that are neither Parquet nor named `.*` or `_*`
+        self.others = 0  # files that make the directory raw media: routed ones, and unrouted ones but Parquet, .*, _*
 
     def add(self, rel: str, uri: str) -> None:
         name = rel.rsplit("/", 1)[-1]
