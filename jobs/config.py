@@ -16,6 +16,9 @@ from encoders.errors import MmembedError
 from encoders.options import AUDIO_MODES, DEVICES, DTYPES, FORMATS, MAX_AUDIO_SECONDS, MAX_TEXT_BYTES, MODALITIES
 
 
+MAX_THREADS = 1024  # torch threads in one encoder actor: more than any node has cores
+
+
 class ConfigError(MmembedError):
     """A job config is unreadable, has an unknown key or a value of the wrong type."""
 
@@ -86,6 +89,8 @@ class JobConfig:
         for key, least in (("actors", 1), ("commit_every", 1), ("threads_per_actor", 0)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key}: must be at least {least}")
+        if self.threads_per_actor > MAX_THREADS:  # torch takes any count, and a matmul on 100000 threads never ends
+            raise ConfigError(f"threads_per_actor: must be at most {MAX_THREADS}, not {self.threads_per_actor}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -44,6 +44,7 @@ def test_file_and_overrides_merge_over_defaults(tmp_path: Path):
         ("limits:\n  audio_seconds: long", "limits.audio_seconds: expected float"),
         ("commit_every: 0", "commit_every: must be at least 1"),
         ("threads_per_actor: -1", "threads_per_actor: must be at least 0"),
+        ("threads_per_actor: 100000", "threads_per_actor: must be at most 1024"),  # hung the actor's first matmul
         ("format: csv", "format: must be one of auto, media, parquet"),
     ],
 )

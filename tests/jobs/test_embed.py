@@ -325,6 +325,7 @@ def test_parquet_input_with_passthrough_and_model_flags(tmp_path, ray_session, c
         (["jobs", "FILE"], "FILE is a file, not a store"),
         (["index", "FILE"], "FILE is a file, not a store"),
         (["embed", "MEDIA", "ROOT", "--device", "cuda"], "no GPU"),  # before any pipeline starts
+        (["embed", "MEDIA", "ROOT", "--actors", "100000"], "too many for the cluster"),  # before any pipeline too
         (["embed", "MEDIA", "ROOT", "--format", "parquet"], "holds no Parquet files"),
         (["embed", "ROOT", "ROOT"], "is the store"),
     ],
@@ -343,7 +344,7 @@ def test_bad_commands_fail_with_one_line(tmp_path, ray_session, capsys, argv, me
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
-    if "--device" in argv:  # no pipeline ran: its counts are set when one starts
+    if "--device" in argv or "--actors" in argv:  # no pipeline ran: its counts are set when one starts
         assert [(j["status"], j["counts"]) for j in Store(str(tmp_path / "store")).jobs()] == [("failed", {})]
 
 
