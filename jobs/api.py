@@ -98,8 +98,8 @@ def search(
     the search page shows; always exact), each row also has its `key`, `source`, `columns` (passthrough),
     `transcript` and `segment`. `where` is one SQL expression over the partition's columns, its placeholders
     bound to `params`."""
-    if k < 1:
-        raise QueryError(f"k must be positive, not {k}")
+    if not 1 <= k <= index.INT32:  # before the query is encoded
+        raise QueryError(f"k must be from 1 to {index.INT32}, not {k}")
     store = open_store(root)
     modality = modality or query_modality
     model = pick_model(store, modality, query_modality, model)

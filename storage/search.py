@@ -69,8 +69,8 @@ def search(
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
-    if k < 1:
-        raise QueryError(f"k must be positive, not {k}")
+    if not 1 <= k <= index.INT32:  # a larger LIMIT was a traceback from inside DuckDB
+        raise QueryError(f"k must be from 1 to {index.INT32}, not {k}")
     if ef_search is not None and not 1 <= ef_search <= index.INT32:
         raise QueryError(f"ef_search must be from 1 to {index.INT32}, not {ef_search}")
     store = open_store(root)

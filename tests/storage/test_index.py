@@ -120,6 +120,9 @@ def test_index_errors_name_the_problem(store, tmp_path):
     for ef_search in (0, 10**20):  # 10**20 was a traceback from inside DuckDB
         with pytest.raises(QueryError, match="ef_search must be from 1 to"):
             search(store.root, np.ones(32), "image", "m", ef_search=ef_search)
+    for k in (0, 10**20):  # so was k = 10**20 through a fresh index (its LIMIT)
+        with pytest.raises(QueryError, match="k must be from 1 to"):
+            search(store.root, np.ones(32), "image", "m", k=k)
     with pytest.raises(StoreError, match="not a local store"):
         index.index_path(Store("s3://bucket/store"), "image", "m")
     assert index.state(Store("s3://bucket/store"), "image", "m", ()) == "none"

@@ -112,7 +112,7 @@ def test_search_names_the_problem(store):
         search(store.root, np.ones(8), "text", "m")
     with pytest.raises(QueryError, match="zero"):
         search(store.root, np.zeros(16), "text", "m")
-    with pytest.raises(QueryError, match="k must be positive"):
+    with pytest.raises(QueryError, match="k must be from 1 to"):
         search(store.root, np.ones(16), "text", "m", k=0)
     with pytest.raises(QueryError, match="no store at"):
         search(store.root + "/missing", np.ones(16), "text", "m")
