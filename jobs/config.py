@@ -83,9 +83,12 @@ class JobConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
-        for modality in self.models:
+        for modality, names in self.models.items():
             if modality not in MODALITIES:
                 raise ConfigError(f"models.{modality}: unknown modality (use {', '.join(MODALITIES)})")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # its second pipeline would find every row done, and count each row twice as read
+                raise ConfigError(f"models.{modality}: {twice[0]} is named twice")
         for key, least in (("actors", 1), ("commit_every", 1), ("threads_per_actor", 0)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key}: must be at least {least}")

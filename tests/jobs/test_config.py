@@ -46,6 +46,7 @@ def test_file_and_overrides_merge_over_defaults(tmp_path: Path):
         ("threads_per_actor: -1", "threads_per_actor: must be at least 0"),
         ("threads_per_actor: 100000", "threads_per_actor: must be at most 1024"),  # hung the actor's first matmul
         ("format: csv", "format: must be one of auto, media, parquet"),
+        ("models:\n  text: [minilm-l6, minilm-l6]", "models.text: minilm-l6 is named twice"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, yaml_text, message):
