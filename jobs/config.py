@@ -15,7 +15,6 @@ import yaml
 from encoders.errors import MmembedError
 from encoders.options import AUDIO_MODES, DEVICES, DTYPES, FORMATS, MAX_AUDIO_SECONDS, MAX_TEXT_BYTES, MODALITIES
 
-
 MAX_THREADS = 1024  # torch threads in one encoder actor: more than any node has cores
 
 
