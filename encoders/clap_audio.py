@@ -38,9 +38,9 @@ MEL_SCALES = ("slaney", "htk")  # slaney: librosa's scale and area norm (rand_tr
 FUSION_CHANNELS = 4  # the whole clip shrunk, then a front, middle and back chunk
 
 
-def decode(data: bytes, settings: dict) -> np.ndarray:
-    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at the model's sampling rate."""
-    return audio.decode(data, settings["sampling_rate"])
+def decode(data: bytes, settings: dict, max_seconds: float = audio.MAX_AUDIO_SECONDS) -> np.ndarray:
+    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at the model's sampling rate (at most `max_seconds` of them)."""
+    return audio.decode(data, settings["sampling_rate"], max_seconds)
 
 
 def _hz_to_mel(hz: np.ndarray, scale: str) -> np.ndarray:
@@ -155,6 +155,6 @@ def features(samples: np.ndarray, settings: dict) -> np.ndarray:
     return np.stack([shrink(mel, chunk), *chunks])
 
 
-def preprocess(data: bytes, settings: dict) -> np.ndarray:
+def preprocess(data: bytes, settings: dict, max_seconds: float = audio.MAX_AUDIO_SECONDS) -> np.ndarray:
     """Audio file bytes -> the model input of one clip."""
-    return features(decode(data, settings), settings)
+    return features(decode(data, settings, max_seconds), settings)

@@ -79,10 +79,12 @@ class Inputs:
         if modality == "audio":
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise AudioValidationError(f"audio must be file bytes, not {type(raw).__name__}")
+            longest = self.options.max_audio_seconds
             if self.kind == "clap":
-                return clap_audio.preprocess(bytes(raw), self.settings)
-            return audio.features(audio.decode(bytes(raw)), self.settings["n_mels"], self.options.audio_mode)
-        text = check_text(raw)
+                return clap_audio.preprocess(bytes(raw), self.settings, longest)
+            samples = audio.decode(bytes(raw), max_seconds=longest)
+            return audio.features(samples, self.settings["n_mels"], self.options.audio_mode)
+        text = check_text(raw, self.options.max_text_bytes)
         return text.lower() if self.settings.get("lowercase") else text
 
 

@@ -8,10 +8,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import TextValidationError
+from .options import MAX_TEXT_BYTES
 
 
-def check_text(raw: bytes | str) -> str:
-    """A text row or .txt file's bytes -> the text; empty or undecodable -> TextValidationError."""
+def check_text(raw: bytes | str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A text row or .txt file's bytes -> the text; empty, undecodable or over `max_bytes` -> TextValidationError."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8")) if isinstance(raw, str) else 0
+    if size > max_bytes:
+        raise TextValidationError(f"text is {size} bytes, over the {max_bytes} byte limit (a job's limits.text_bytes)")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")

@@ -91,23 +91,41 @@ def search(
     exact: bool = False,
     ef_search: int | None = None,
     details: bool = False,
+    params: Sequence | dict | None = None,
 ) -> tuple[str, pa.Table]:
     """Top-k of a query (a text, or an image or audio file's path or bytes) over one modality's partition (default:
     the query's own modality): -> (the model searched, rows id, uri, modality, model, score). With `details` (what
     the search page shows; always exact), each row also has its `key`, `source`, `columns` (passthrough),
-    `transcript` and `segment`."""
+    `transcript` and `segment`. `where` is one SQL expression over the partition's columns, its placeholders
+    bound to `params`."""
+    if not 1 <= k <= index.INT32:  # before the query is encoded
+        raise QueryError(f"k must be from 1 to {index.INT32}, not {k}")
     store = open_store(root)
     modality = modality or query_modality
     model = pick_model(store, modality, query_modality, model)
     vector = embed_query(model, query_modality, value)
     rows = search_rows(
-        root, vector, modality, model, k=k, where=where, use_index=not exact, ef_search=ef_search, details=details
+        root,
+        vector,
+        modality,
+        model,
+        k=k,
+        where=where,
+        params=params,
+        use_index=not exact,
+        ef_search=ef_search,
+        details=details,
     )
     return model, _keyed(store, rows) if details else rows
 
 
 def classify(
-    root: str, labels: Sequence[str], modality: str = "image", model: str | None = None, where: str | None = None
+    root: str,
+    labels: Sequence[str],
+    modality: str = "image",
+    model: str | None = None,
+    where: str | None = None,
+    params: Sequence | dict | None = None,
 ) -> tuple[pa.Table, Counter]:
     """Each item's best label by the model's text tower and its own zero-shot score (`Encoder.score`): -> (rows id,
     uri, label, cosine, probability; the count of each label)."""
@@ -117,17 +135,17 @@ def classify(
     store = open_store(root)
     model = pick_model(store, modality, "text", model)
     text_encoder = encoder(model)
-    result = classify_rows(
-        root, text_encoder.encode("text", labels), labels, modality, model, text_encoder.score, where=where
-    )
+    vectors = text_encoder.encode("text", labels)
+    result = classify_rows(root, vectors, labels, modality, model, text_encoder.score, where=where, params=params)
     counts = Counter(result["label"].to_pylist())
     return result, Counter({label: counts[label] for label in labels})
 
 
-def sql(root: str, statement: str) -> pa.Table:
-    """One read-only statement over the store's views, with the embed_* functions."""
+def sql(root: str, statement: str, params: Sequence | dict | None = None) -> pa.Table:
+    """One read-only statement over the store's views, with the embed_* functions and its placeholders bound to
+    `params`; it reads nothing outside the store (storage.query.lock_down)."""
     open_store(root)
-    return run_readonly(connect(root, embedder=embed_query), statement)
+    return run_readonly(connect(root, embedder=embed_query), statement, params)
 
 
 def run_job(cfg: JobConfig, **kwargs) -> dict:

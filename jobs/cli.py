@@ -62,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except MmembedError as e:
-        print(f"mmembed: error: {e}", file=sys.stderr)
+        print(f"mmembed: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mmembed: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(message: str) -> str:
+    """A message on one line, whatever a library below put in it (the lines of an Arrow or DuckDB error)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from its one source (encoders.options), and the shape of a command's help."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 
 from encoders.options import AUDIO_MODES, DEVICES, DTYPES, MODALITIES
@@ -87,3 +88,45 @@ def audio_mode(parser: Parser, flag: str, help: str, default: str | None = None)
 
 def where(parser: Parser, help: str) -> None:
     parser.add_argument("--where", metavar="PREDICATE", help=help)
+
+
+def param(parser: Parser) -> None:
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=_param,
+        metavar="NAME=VALUE",
+        help="a value for the placeholder $NAME (repeatable; a string, cast where the statement needs)",
+    )
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not _NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE, NAME a placeholder's name ($NAME)")
+    return name, value
+
+
+def params(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
+    """--param pairs -> the named values a statement binds (None when there are none: `?` placeholders stay usable)."""
+    return dict(pairs) or None
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `least`, refused at parse time with the flag named."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse

@@ -11,7 +11,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import numpy as np
@@ -24,7 +24,7 @@ from encoders.options import Options
 from . import ray_private
 from .errors import ClusterError, ResourceError, WorkerDiedError
 from .sinks import write_shard
-from .sources import Inventory, load_rows, of_modality, skip_done
+from .sources import NO_IDS, Inventory, load_rows, of_modality, skip_done
 from .stages import EmbedBatch, embed_in_task, preprocess
 
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
@@ -69,6 +69,7 @@ class Target:
     digest: str
     encode_batch: int
     done: np.ndarray  # sorted S32 row keys (`storage.store.row_key`): rows to skip
+    duplicates: np.ndarray = field(default_factory=lambda: NO_IDS)  # ids several input rows share (sources.id_digest)
 
 
 def start(address: str | None = None, log: TextIO | None = None, verbose: bool = False) -> bool:
@@ -295,7 +296,7 @@ def dataset(
     ds = ray_private.last_step_light(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
     cpu_task = {"batch_size": block, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
-    ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
+    ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done, "duplicates": target.duplicates}, **cpu_task)
     ds = ds.map_batches(
         preprocess,
         fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},

@@ -24,6 +24,7 @@ from encoders.registry import load_encoder, load_inputs
 
 from .errors import EncoderLoadError
 from .sinks import ERROR_COLUMNS
+from .sources import tallies
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,19 +78,26 @@ def preprocess(
     n = len(batch["id"])
     features, shapes = [b""] * n, [[] for _ in range(n)]
     errors = {c: np.full(n, "", dtype=object) for c in ERROR_COLUMNS}
-    for i, (data, read_error) in enumerate(zip(batch["data"], batch["read_error"])):
+    read_types = batch.get("read_error_type", np.where(batch["read_error"] != "", "OSError", "").astype(object))
+    for i, (data, read_error, tally) in enumerate(zip(batch["data"], batch["read_error"], tallies(batch))):
+        if tally:  # stands for rows the store holds already (sources.skip_done): nothing to do
+            continue
+        if read_error:
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                "read",
+                read_types[i],
+                read_error,
+            )
+            continue
         try:
-            if read_error:
-                raise OSError(read_error)
             features[i], shapes[i] = _pack(inputs(modality, data))
         except Exception as e:  # any decoder failure is the row's, not the job's
-            stage = "read" if read_error else "preprocess"
             errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
-                stage,
+                "preprocess",
                 type(e).__name__,
                 str(e),
             )
-    out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
+    out = {k: v for k, v in batch.items() if k not in ("data", "read_error", "read_error_type")}
     out["features"] = np.array(features + [b""], dtype=object)[:n]
     out["shape"] = np.array(shapes + [None], dtype=object)[:n]
     out.update(errors)
@@ -137,7 +145,7 @@ class EmbedBatch:
         start = time.perf_counter()
         n = len(batch["id"])
         errors = {c: batch[c].copy() for c in ERROR_COLUMNS}
-        index = np.flatnonzero(errors["error_type"] == "")
+        index = np.flatnonzero((errors["error_type"] == "") & ~tallies(batch))
         items = [_unpack(batch["features"][i], batch["shape"][i]) for i in index]
         embeddings = np.zeros((n, self.encoder.dim), dtype=np.float32)
         if len(index):
@@ -145,6 +153,14 @@ class EmbedBatch:
                 embeddings[index] = self.encoder.embed(self.modality, items)
             except Exception:
                 embeddings[index] = self._embed_each(items, errors, index)
+        broken = ~np.isfinite(embeddings).all(axis=1) & (errors["error_type"] == "")
+        for i in np.flatnonzero(broken):  # a vector of NaN or inf is no embedding (a 16-bit overflow, say)
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                "encode",
+                "NonFiniteEmbedding",
+                f"the encoder gave a vector with {int((~np.isfinite(embeddings[i])).sum())} NaN or infinite values",
+            )
+            embeddings[i] = 0
         out = {k: v for k, v in batch.items() if k not in ("features", "shape", *ERROR_COLUMNS)}
         out.update(errors)
         out["embedding"] = embeddings

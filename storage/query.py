@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 
 from encoders.errors import MmembedError
 
-from .schema import ERROR_SCHEMA, embedding_dim, embedding_schema
+from .schema import embedding_dim
 from .store import Store, check_modality, check_name, duckdb_connection
+from .views import ERRORS_SCHEMA, derived_views, embedding_columns, embeddings_schema
+from .views import newest as newest  # where storage.search and others have taken it from
 
-VIEWS = {"images": "image", "audio": "audio", "texts": "text"}
 EMBED_FUNCTIONS = {"embed_text": "text", "embed_image": "image", "embed_audio": "audio"}
 READ_ONLY = "SELECT, WITH, EXPLAIN, DESCRIBE or SHOW"
 
@@ -66,7 +67,64 @@ def connect(root: str, embedder: Embedder | None = None) -> duckdb.DuckDBPyConne
     _jobs_view(con, store)
     if embedder is not None:
         _embed_functions(con, store, embedder, model_dims)
+    return lock_down(con)
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, configuration: bool = True) -> duckdb.DuckDBPyConnection:
+    """Once a connection's views and tables are set up, it reads nothing but them: no file, URL or database
+    (`read_csv`, `glob`, `ATTACH`...), no extension installed or loaded on demand, and (`configuration`) no setting
+    changed back. The Arrow datasets registered before still read the store through pyarrow, and the embed_* SQL
+    functions still read the files they are given: the one way a statement names a file."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
+    if configuration:
+        con.execute("SET lock_configuration = true")
     return con
+
+
+def one_line(e: duckdb.Error) -> str:
+    """DuckDB's message without the lines after it (the statement quoted back, a caret, hints): one line."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith("LINE ") or line.startswith("Please try"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
+def check_predicate(where: str) -> str:
+    """`where` if it is one SQL expression, which `WHERE (...)` keeps whole; QueryError naming it otherwise.
+
+    Parentheses must balance inside it, so that it cannot close the one put around it (`1=1) OR (1=1`), and it may
+    not end a statement (`;`)."""
+    if not where.strip():
+        raise QueryError(f"bad predicate {where!r}: it is empty")
+    try:
+        tokens = duckdb.tokenize(where)
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    depth = 0
+    for offset, kind in tokens:  # '(', ')' and ';' are tokens of their own; in a string or comment they are none
+        char = where[offset] if kind == duckdb.token_type.operator else ""
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            raise QueryError(f"bad predicate {where!r}: a ')' closes nothing; give one expression")
+        if char == ";":
+            raise QueryError(f"bad predicate {where!r}: ';' ends a statement; give one expression")
+    if depth:
+        raise QueryError(f"bad predicate {where!r}: a '(' is never closed")
+    try:
+        duckdb.extract_statements(predicate_sql("SELECT 1", where))
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    return where
+
+
+def predicate_sql(select: str, where: str) -> str:
+    """`select` filtered by the predicate `where`, on lines of its own: a `--` comment in it ends with its line."""
+    return f"{select} WHERE (\n{where}\n)"
 
 
 def recorded_inputs(root: str, modality: str) -> list[str]:
@@ -86,10 +144,6 @@ def open_store(root: str) -> Store:
     if not store.exists():
         raise QueryError(f"{store.root} is a file, not a store" if store.is_file() else f"no store at {store.root}")
     return store
-
-
-def newest(*keys: str) -> str:
-    return f"QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY created_at DESC, job_id DESC) = 1"
 
 
 def _ident(name: str) -> str:
@@ -123,25 +177,9 @@ def _embedding_views(con: duckdb.DuckDBPyConnection, store: Store) -> dict[str, 
                 f"model {model} has {dim}-dim embeddings for {modality} but {model_dims[model]}-dim ones elsewhere"
             )
     width = max(dims.values(), default=1)
-    head = [*embedding_schema(width).names, "modality", "model", "dim"]
-    parts = []
-    for (modality, model), data in datasets.items():
-        vector = (
-            "embedding"
-            if dims[modality, model] == width
-            else f"list_resize(embedding::FLOAT[], {width}, 0.0)::FLOAT[{width}]"
-        )
-        columns = f"'{modality}' AS modality, '{model}' AS model, {dims[modality, model]} AS dim"
-        parts.append((data, f"* REPLACE ({vector} AS embedding), {columns}"))
-    empty = pa.schema(
-        [*embedding_schema(width), ("modality", pa.string()), ("model", pa.string()), ("dim", pa.int32())]
-    )
-    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], head)
-    con.execute(
-        f"CREATE VIEW embeddings AS SELECT * FROM _embeddings_all {newest('modality', 'source', 'id', 'model')}"
-    )
-    for view, modality in VIEWS.items():
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM embeddings WHERE modality = '{modality}'")
+    parts = [(data, embedding_columns(*key, dims[key], width)) for key, data in datasets.items()]
+    empty = embeddings_schema(width)
+    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], empty.names)
     return model_dims
 
 
@@ -150,15 +188,9 @@ def _errors_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         (store.dataset(files), f"*, '{check_modality(modality)}' AS modality")
         for (modality,), files in sorted(store.partitions("errors").items())
     ]
-    empty = ERROR_SCHEMA.append(pa.field("modality", pa.string()))
-    _union(con, "_errors_all", parts or [(empty.empty_table(), "*")], empty.names)
-    con.execute(f"""
-        CREATE VIEW errors AS
-        WITH embedded AS (SELECT modality, source, id, model, max(created_at) AS at FROM _embeddings_all GROUP BY ALL)
-        SELECT e.* FROM _errors_all e
-        WHERE NOT EXISTS (SELECT 1 FROM embedded x WHERE x.modality = e.modality AND x.source = e.source
-                          AND x.id = e.id AND x.model = e.model AND x.at > e.created_at)
-        {newest("modality", "source", "id", "model")}""")
+    _union(con, "_errors_all", parts or [(ERRORS_SCHEMA.empty_table(), "*")], ERRORS_SCHEMA.names)
+    for statement in derived_views():
+        con.execute(statement)
 
 
 def _jobs_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
@@ -218,7 +250,7 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence | di
     try:
         return con.execute(sql, params).to_arrow_table()
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def check_readonly(sql: str) -> None:
@@ -233,7 +265,7 @@ def _parse(sql: str) -> list[duckdb.Statement]:
     try:
         return duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def _check(statement: duckdb.Statement) -> None:

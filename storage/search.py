@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import index
-from .query import QueryError, check_readonly, newest, open_store
+from .query import QueryError, check_predicate, check_readonly, lock_down, one_line, open_store, predicate_sql
 from .schema import embedding_dim
 from .store import MODALITIES, Store, check_modality, duckdb_connection
+from .views import newest
 
 if TYPE_CHECKING:
     import torch
@@ -68,10 +69,10 @@ def search(
     """
     if modality not in MODALITIES:
         raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
-    if k < 1:
-        raise QueryError(f"k must be positive, not {k}")
-    if ef_search is not None and ef_search < 1:
-        raise QueryError(f"ef_search must be positive, not {ef_search}")
+    if not 1 <= k <= index.INT32:  # a larger LIMIT was a traceback from inside DuckDB
+        raise QueryError(f"k must be from 1 to {index.INT32}, not {k}")
+    if ef_search is not None and not 1 <= ef_search <= index.INT32:
+        raise QueryError(f"ef_search must be from 1 to {index.INT32}, not {ef_search}")
     store = open_store(root)
     exact = details or where is not None or not use_index
     hnsw = None if exact else index.fresh(store, modality, model, _files(store, modality, model))
@@ -259,13 +260,13 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _candidates(part: _Partition, where: str, params: Sequence | dict | None) -> np.ndarray:
-    sql = f"SELECT _row FROM candidates WHERE ({where})"
+    sql = predicate_sql("SELECT _row FROM candidates", check_predicate(where))
     check_readonly(sql)
     try:
         with part.con.cursor() as cursor:
             rows = cursor.execute(sql, params).fetchnumpy()["_row"]
     except duckdb.Error as e:
-        raise QueryError(f"bad where predicate {where!r}: {e}") from None
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
     return np.unique(rows[(rows >= 0) & (rows < len(part.matrix))]).astype(np.int64)
 
 
@@ -313,6 +314,7 @@ def _load(store: Store, files: tuple[str, ...]) -> _Partition:
     con.register("_meta", meta)
     con.execute("CREATE TABLE candidates AS SELECT * FROM _meta")
     con.unregister("_meta")
+    lock_down(con)
     half = None
     if len(matrix) >= HALF_ROWS:
         import torch

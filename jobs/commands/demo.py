@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import MODALITIES, Parser, Subparsers, command
+from ..options import MODALITIES, Parser, Subparsers, at_least, command
 
 
 def demo_parser(sub: Subparsers) -> Parser:
@@ -51,7 +51,7 @@ def bench_parser(sub: Subparsers) -> Parser:
     )
     p.add_argument(
         "--n",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="images and audio clips per run, 10x as many texts (default 1000; --quick 32)",
     )

@@ -6,8 +6,22 @@ import argparse
 import contextlib
 import sys
 
+from encoders.options import FORMATS
+
 from .. import config, output
-from ..options import JSON, RUNTIME, Parser, Subparsers, address, audio_mode, command, modality, verbose, wait_lock
+from ..options import (
+    JSON,
+    RUNTIME,
+    Parser,
+    Subparsers,
+    address,
+    at_least,
+    audio_mode,
+    command,
+    modality,
+    verbose,
+    wait_lock,
+)
 
 
 def embed_parser(sub: Subparsers) -> Parser:
@@ -43,10 +57,10 @@ def embed_parser(sub: Subparsers) -> Parser:
         action="store_true",
         help="allow a local ROOT on a multi-node cluster (a shared filesystem)",
     )
-    p.add_argument("--actors", type=int, metavar="N", help="encoder actors per model")
+    p.add_argument("--actors", type=at_least(1), metavar="N", help="encoder actors per model")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="encoder batch size, every modality (config: batch_size.image/audio/text; preprocessing and writing keep theirs)",
     )
@@ -58,7 +72,12 @@ def embed_parser(sub: Subparsers) -> Parser:
         metavar="COLUMN",
         help="input column to copy into the tables (repeatable)",
     )
-    p.add_argument("--commit-every", type=int, metavar="N", help="rows per commit")
+    p.add_argument("--commit-every", type=at_least(1), metavar="N", help="rows per commit")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="what INPUT is (default auto: a directory of Parquet files only is a dataset, else raw media)",
+    )
     wait_lock(p)
     verbose(p)
     return p
@@ -72,7 +91,7 @@ def embed(args: argparse.Namespace) -> int:
         overrides["ray"] = {
             k: v for k, v in (("address", args.address), ("allow_local_root", args.allow_local_root)) if v
         }
-    for key in ("actors", "dtype", "device", "whisper_mode", "commit_every"):
+    for key in ("actors", "dtype", "device", "whisper_mode", "commit_every", "format"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.batch_size is not None:
@@ -140,6 +159,9 @@ def _run(cfg: config.JobConfig, **kwargs) -> dict:
         return run_job(cfg, **kwargs)
 
 
+SKIPPED_SHOWN = 5  # skipped files the summary on stderr names (the job record names up to 100)
+
+
 def report(record: dict, as_json: bool) -> None:
     """A job's record: JSON on stdout, or its counts as a table and a summary line on stderr."""
     from ..run import summary
@@ -149,7 +171,7 @@ def report(record: dict, as_json: bool) -> None:
         return
     output.table(
         [
-            {"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored")}}
+            {"modality/model": k, **{c: v.get(c, 0) for c in ("read", "embedded", "errored", "already_done")}}
             for k, v in record["counts"].items()
         ]
     )
@@ -159,5 +181,18 @@ def report(record: dict, as_json: bool) -> None:
         f"{s['skipped_files']} files skipped",
         file=sys.stderr,
     )
+    if not s["read"]:
+        print(
+            f"nothing to embed: {', '.join(record['inputs']) or 'the inputs'} hold no image, audio or text items",
+            file=sys.stderr,
+        )
+    named = record.get("skipped", [])
+    if named:
+        more = s["skipped_files"] - min(len(named), SKIPPED_SHOWN)
+        listed = ", ".join(f"{n['id']} ({n['reason']})" for n in named[:SKIPPED_SHOWN])
+        print(
+            f"skipped: {listed}{f' and {more} more (the job record names {len(named)})' if more > 0 else ''}",
+            file=sys.stderr,
+        )
     for missing in record.get("missing_inputs", []):
         print(f"input gone: {missing['input']} ({missing['reason']})", file=sys.stderr)

@@ -45,7 +45,8 @@ def schedule(args: argparse.Namespace) -> int:
     results = scheduler.run_once()
     for r in results:
         error = f": {r['error']}" if r.get("error") else ""
-        print(f"{r['job']}: {r['status']} (scheduled {r['scheduled']}){error}", file=sys.stderr)
+        when = f" (scheduled {r['scheduled']})" if r["scheduled"] else ""
+        print(f"{r['job']}: {r['status']}{when}{error}", file=sys.stderr)
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import output
-from ..options import JSON, Parser, Subparsers, command, modality, where
+from ..options import JSON, Parser, Subparsers, at_least, command, modality, param, params, where
 
 
 def query_parser(sub: Subparsers) -> Parser:
@@ -28,13 +28,14 @@ def query_parser(sub: Subparsers) -> Parser:
     p.add_argument(
         "--model", metavar="NAME", help="which model's partition (default: the only one that can encode the query)"
     )
-    p.add_argument("-k", type=int, default=10, metavar="K", help="how many results (default 10)")
-    where(p, "SQL predicate on the table's columns, e.g. \"id LIKE 'shapes/%%'\"")
+    p.add_argument("-k", type=at_least(1), default=10, metavar="K", help="how many results (default 10)")
+    where(p, 'SQL predicate on the table\'s columns, e.g. "id LIKE \'shapes/%%\'" or "lang = $lang"')
+    param(p)
     p.add_argument(
         "--exact", action="store_true", help="ignore an HNSW index (mmembed index): exact brute-force search"
     )
     p.add_argument(
-        "--ef-search", type=int, metavar="N", help="HNSW candidates per query: recall vs latency (default 64)"
+        "--ef-search", type=at_least(1), metavar="N", help="HNSW candidates per query: recall vs latency (default 64)"
     )
     return p
 
@@ -58,6 +59,7 @@ def query(args: argparse.Namespace) -> int:
         model,
         k=args.k,
         where=args.where,
+        params=params(args.param),
         exact=args.exact,
         ef_search=args.ef_search,
     )
@@ -101,6 +103,7 @@ def classify_parser(sub: Subparsers) -> Parser:
     modality(p, "what to classify (default image)", default="image")
     p.add_argument("--model", metavar="NAME", help="which model's partition (default: the only one with a text tower)")
     where(p, "SQL predicate on the table's columns: classify only those rows")
+    param(p)
     p.add_argument("--out", metavar="F", help="write id, uri, label, cosine, probability to this Parquet file")
     return p
 
@@ -112,7 +115,7 @@ def classify(args: argparse.Namespace) -> int:
     labels = list(dict.fromkeys(label.strip() for label in args.labels.split(",") if label.strip()))
     if len(labels) < 2:
         raise ConfigError(f"--labels needs at least two comma-separated labels, got {labels}")
-    result, counts = classify_items(args.root, labels, args.modality, args.model, args.where)
+    result, counts = classify_items(args.root, labels, args.modality, args.model, args.where, params(args.param))
     if args.out:
         output.write_parquet(result, args.out)
         print(f"wrote {result.num_rows} rows to {args.out}", file=sys.stderr)
@@ -141,9 +144,9 @@ def index_parser(sub: Subparsers) -> Parser:
     modality(p, "only this modality's partitions")
     p.add_argument("--model", metavar="NAME", help="only this model's partitions")
     p.add_argument("--force", action="store_true", help="rebuild fresh indexes too (e.g. with new options)")
-    p.add_argument("--m", type=int, metavar="N", help="HNSW graph degree M (default 16)")
+    p.add_argument("--m", type=at_least(2), metavar="N", help="HNSW graph degree M (default 16)")
     p.add_argument(
-        "--ef-construction", type=int, metavar="N", help="candidates per insertion while building (default 128)"
+        "--ef-construction", type=at_least(1), metavar="N", help="candidates per insertion while building (default 128)"
     )
     return p
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import output
-from ..options import JSON, Parser, Subparsers, command
+from ..options import JSON, Parser, Subparsers, command, param, params
 
 
 def sql_parser(sub: Subparsers) -> Parser:
@@ -17,18 +17,21 @@ def sql_parser(sub: Subparsers) -> Parser:
         "mmembed sql ./store \"SELECT id, array_cosine_similarity(embedding, embed_text('shapes-clip', "
         "'a red circle')) AS score FROM images WHERE model = 'shapes-clip' ORDER BY score DESC LIMIT 5\"",
         description="Run a read-only query over the views embeddings, images, audio, texts, errors and jobs. "
-        "embed_text(model, text), embed_image(model, path) and embed_audio(model, path) encode a query.",
+        "embed_text(model, text), embed_image(model, path) and embed_audio(model, path) encode a query; $NAME "
+        "placeholders take their values from --param NAME=VALUE. The statement reads the store's views only: no "
+        "file, URL or extension outside them.",
         parents=(JSON,),
     )
     p.add_argument("root", metavar="ROOT")
     p.add_argument("statement", metavar="SQL")
+    param(p)
     return p
 
 
 def sql(args: argparse.Namespace) -> int:
     from ..api import sql as run_sql
 
-    rows = run_sql(args.root, args.statement).to_pylist()
+    rows = run_sql(args.root, args.statement, params(args.param)).to_pylist()
     output.emit_json(rows) if args.json else output.table(rows)
     return 0
 

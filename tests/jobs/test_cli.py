@@ -76,3 +76,17 @@ def test_every_error_the_project_defines_shares_the_one_base():
     }
     assert len(errors) >= 15, sorted(errors)
     assert [name for name, cls in errors.items() if not issubclass(cls, MmembedError)] == []
+
+
+def test_a_project_error_of_several_lines_is_still_one(monkeypatch, capsys):
+    """What a library below puts in a message (Arrow's and DuckDB's run to several lines) stays on one."""
+
+    def fail(args):
+        raise MmembedError("cannot read x.parquet: Invalid: bad footer\nDetail: the magic bytes\n\n  are wrong")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    _subparsers(parser)["sql"].set_defaults(handler=fail)
+    assert cli.main(["sql", "ROOT", "SELECT 1"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mmembed: error: cannot read x.parquet: Invalid: bad footer Detail: the magic bytes are wrong\n"

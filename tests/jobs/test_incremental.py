@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def test_second_job_on_a_root_waits_or_exits(tmp_path, ray_session):
     )
     assert second.returncode != 0
     assert "locked by job" in second.stderr and "--wait-lock" in second.stderr
+    assert re.search(r"locked by job \d{8}T\d{6}-[0-9a-f]{6} \(pid", second.stderr), "the holder's job id, not '?'"
     assert len(second.stderr.strip().splitlines()) == 1
     waiter = _spawn(media, root, "--wait-lock", "--json")
     out, err = first.communicate(timeout=300)

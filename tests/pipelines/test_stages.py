@@ -84,3 +84,39 @@ def test_a_model_that_does_not_load_fails_at_the_first_batch_with_one_line(tmp_p
     )
     bug = KeyError("x")
     assert stages.load_failure("m", bug) is bug, "a bug keeps its type and traceback"
+
+
+def test_a_tally_row_passes_every_step_untouched_and_the_writer_counts_it(tmp_path):
+    """Rows skipped as done are counted where they are skipped (the tally row of sources.skip_done) and reach the
+    driver through the writer, instead of being the remainder of what was read."""
+    from pipelines import sinks, sources
+    from storage.store import row_key
+
+    rows = sources.load_rows({"id": np.array(["a", "b", "c"]), "text": np.array(["one", "", "three"])}, "SRC")
+    done = np.array([row_key("SRC", "c", rows["content_hash"][2])])
+    batch = sources.skip_done(rows, done)
+    assert list(batch["done_rows"]) == [0, 0, 1]
+    ready = stages.preprocess(batch, "shapes-clip", "text", Options())
+    assert list(ready["error_type"]) == ["", "TextValidationError", ""], "the tally row is not decoded"
+    embedded = stages.EmbedBatch("shapes-clip", "text", Options(device="cpu"))(dict(ready))
+    assert not embedded["embedding"][2].any(), "nor embedded"
+    out = sinks.write_shard(embedded, str(tmp_path), "text", "shapes-clip", "d", "job1", ())
+    assert [(k, n) for k, n in zip(out["kind"], out["rows"])] == [("embeddings", 1), ("errors", 1), ("done", 1)]
+    assert out["path"][2] == "" and set(sinks.FATES) == set(out["kind"])
+
+
+def test_a_vector_of_nan_is_an_error_row_not_an_embedding():
+    ready = stages.preprocess(batch(), "shapes-clip", "image", Options())
+    actor = stages.EmbedBatch("shapes-clip", "image", Options(device="cpu"))
+    real = actor.encoder.embed
+
+    def embed(modality, items):
+        vectors = real(modality, items)
+        vectors[0] = np.nan
+        return vectors
+
+    actor.encoder.embed = embed
+    out = actor(dict(ready))
+    assert list(out["error_type"]) == ["NonFiniteEmbedding", "ImageValidationError", "", "OSError"]
+    assert out["error_stage"][0] == "encode" and "NaN or infinite" in out["error_message"][0]
+    assert np.isfinite(out["embedding"]).all()

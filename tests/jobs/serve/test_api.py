@@ -168,7 +168,7 @@ def test_stats_counts_partitions_and_errors(client, server):
         # the read-only rules of `query --where` (storage.query), whatever their wording
         ({"text": "a", "modality": "image", "where": "1=1; DROP TABLE candidates"}, 400, ""),
         ({"text": "a", "modality": "image", "where": "1=1) ; DROP TABLE candidates; SELECT (1"}, 400, ""),
-        ({"text": "a", "modality": "image", "where": "nosuch = 1"}, 400, "bad where predicate"),
+        ({"text": "a", "modality": "image", "where": "nosuch = 1"}, 400, "bad predicate 'nosuch = 1'"),
         ({"text": "x" * 301, "modality": "image"}, 400, "over 300 characters"),
         ({"text": "a", "modality": "image", "where": "id = 'x' OR " * 30}, 400, "where is over 300"),
         ({"item": "0123456789abcdef"}, 404, "no item with key '0123456789abcdef'"),
