@@ -13,7 +13,7 @@ from storage.search import search
 
 from .. import api
 from .baselines import bench_clip
-from .plan import RETRIEVAL_DIM, TOP_K, BenchError, Plan, log, percentiles, timed
+from .plan import TOP_K, BenchError, Plan, log, percentiles, timed
 from .vectors import write_vector_store
 
 QUERIES = ("a red circle", "a dog on a beach", "an old train station at night", "two cups of coffee", "a quiet lake")
@@ -27,11 +27,10 @@ def measure_serve(plan: Plan, work: Path, rows: int = 100_000, queries: int = 50
 
     bench_clip(plan.clip_name, plan.clip)
     model = plan.clip_name
-    if api.encoder(model).dim != RETRIEVAL_DIM:
-        raise BenchError(f"model {model} embeds {api.encoder(model).dim}-d vectors, not {RETRIEVAL_DIM}")
+    dim = api.encoder(model).dim  # 512 for the plan's ViT-B/32 CLIP
     root = work / "stores" / f"serve-{rows}"
-    log(f"serve: writing {rows} x {RETRIEVAL_DIM} vectors")
-    write_vector_store(root, rows, np.random.default_rng(rows), model=model)
+    log(f"serve: writing {rows} x {dim} vectors")
+    write_vector_store(root, rows, np.random.default_rng(rows), model=model, dim=dim)
     texts = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(queries)]
     body = {"modality": "image", "model": model, "k": TOP_K}
     vector = api.encoder(model).encode("text", ["a vector for the search alone"])[0]
@@ -51,7 +50,7 @@ def measure_serve(plan: Plan, work: Path, rows: int = 100_000, queries: int = 50
             search_s.append(timed(lambda: search(str(root), vector, "image", model, k=TOP_K, details=True))[0])
     return {
         "rows": rows,
-        "dim": RETRIEVAL_DIM,
+        "dim": dim,
         "k": TOP_K,
         "model": model,
         "queries": queries,

@@ -16,10 +16,15 @@ from .plan import INDEX_NOISE, RETRIEVAL_DIM
 
 
 def write_vector_store(
-    root: Path, rows: int, rng: np.random.Generator, model: str = "bench-vectors", centres: np.ndarray | None = None
+    root: Path,
+    rows: int,
+    rng: np.random.Generator,
+    model: str = "bench-vectors",
+    centres: np.ndarray | None = None,
+    dim: int = RETRIEVAL_DIM,
 ) -> str:
-    """A committed store of `rows` random unit vectors (dim 512) under modality=image/model=`model`:
-    uniform, or scattered around `centres` (see `around`)."""
+    """A committed store of `rows` random unit vectors of `dim` under modality=image/model=`model`: uniform, or
+    scattered around `centres` (see `around`; their dim)."""
     import hashlib
 
     from storage.schema import TIMESTAMP, embedding_schema
@@ -30,9 +35,7 @@ def write_vector_store(
     now = datetime.now(UTC)
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
-        vectors = (
-            rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32) if centres is None else around(centres, n, rng)
-        )
+        vectors = rng.standard_normal((n, dim), dtype=np.float32) if centres is None else around(centres, n, rng)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = [f"v{i:08d}" for i in range(start, start + n)]
         table = pa.table(
@@ -41,12 +44,12 @@ def write_vector_store(
                 "uri": [f"bench://{i}" for i in ids],
                 "source": ["bench"] * n,
                 "content_hash": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), RETRIEVAL_DIM),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
                 "model_digest": ["random"] * n,
                 "job_id": [job] * n,
                 "created_at": pa.array([now] * n, TIMESTAMP),
             },
-            schema=embedding_schema(RETRIEVAL_DIM),
+            schema=embedding_schema(vectors.shape[1]),
         )
         files.append(store.write_embeddings("image", model, table))
     store.commit(job, files)

@@ -239,10 +239,10 @@ def test_synthetic_media():
 
 
 def test_write_dataset_is_raw_media_parquet(tmp_path):
-    from pipelines.sources import inspect_parquet
+    from pipelines.sources import open_input
 
     dataset = data.write_dataset(tmp_path / "mixed", {"image": 2, "audio": 1, "text": 3})
-    inventory = inspect_parquet(dataset, ())
+    inventory = open_input(str(dataset), str(tmp_path / "staging"))
     assert dict(inventory.counts) == {"image": 2, "audio": 1, "text": 3}
     items = data.read_items(dataset)
     assert sum(isinstance(i, str) for i in items) == 3 and sum(isinstance(i, bytes) for i in items) == 3
