@@ -13,8 +13,11 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# open-clip-torch, the OpenCLIP reference, without its dependencies: they would swap torch for a CUDA build and add
+# torchvision. The tests import its model and tokenizer modules alone (encoders.validate.open_clip_modules).
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps 'open-clip-torch==3.3.0'
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

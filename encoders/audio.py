@@ -22,10 +22,9 @@ from functools import cache, lru_cache
 
 import numpy as np
 import scipy.fft
-import soundfile as sf
-import soxr
 
 from .errors import AudioValidationError
+from .options import MAX_AUDIO_SECONDS
 
 SAMPLE_RATE = 16000  # Hz, what every Whisper model was trained on
 N_FFT = 400  # 25 ms STFT window
@@ -34,6 +33,7 @@ CHUNK_LENGTH = 30  # seconds in one encoder window
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a 30 s mel input
 MODES = ("trimmed", "padded")
+BLOCK_SECONDS = 10  # decoded (and resampled) at a time: bounds what a long file costs beyond its 16 kHz samples
 
 
 def settings(n_mels: int) -> dict:
@@ -47,26 +47,52 @@ def settings(n_mels: int) -> dict:
     }
 
 
-def decode(data: bytes) -> np.ndarray:
-    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at SAMPLE_RATE."""
+def decode(data: bytes, rate: int = SAMPLE_RATE, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """WAV/FLAC/OGG/MP3 bytes -> mono float32 samples at `rate` Hz (Whisper's SAMPLE_RATE unless given).
+
+    Decoded and resampled in pieces of BLOCK_SECONDS, so that what a long clip costs is its mono output at `rate`,
+    never the whole file at its own rate and channel count; a clip longer than `max_seconds` (by its header, or
+    once its samples say so) is refused, naming its length, before more of it is decoded."""
+    import soundfile as sf  # imported where decoding happens: a process that only runs networks (the GPU check) has none
+    import soxr
+
     if not data:
         raise AudioValidationError("empty audio (0 bytes)")
+    pieces, frames = [], 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
-            samples = f.read(dtype="float32", always_2d=True)
+            source_rate = f.samplerate
+            if 0 < f.frames < 1 << 62:  # libsndfile's count (an estimate for MP3); unknown is 0 or a huge sentinel
+                _check_length(f.frames / source_rate, max_seconds)
+            stream = None if source_rate == rate else soxr.ResampleStream(source_rate, rate, 1, "float32", "soxr_hq")
+            block = max(1, int(BLOCK_SECONDS * source_rate))
+            # read() until it runs dry, not blocks(): that one trusts the header's count, which MP3 only estimates
+            while len(piece := f.read(block, dtype="float32", always_2d=True)):
+                frames += len(piece)
+                _check_length(frames / source_rate, max_seconds)
+                if not np.isfinite(piece).all():
+                    raise AudioValidationError("audio holds NaN or infinite samples")
+                mono = piece.mean(axis=1)
+                pieces.append(mono if stream is None else stream.resample_chunk(mono))
+            if stream is not None:
+                pieces.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioValidationError(f"cannot decode audio ({len(data)} bytes): {e}") from None
-    if samples.shape[0] == 0:
+    if frames == 0:
         raise AudioValidationError("audio holds no samples")
-    if not np.isfinite(samples).all():
-        raise AudioValidationError("audio holds NaN or infinite samples")
-    mono = samples.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        n = math.ceil(len(mono) * SAMPLE_RATE / rate)
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="soxr_hq")
+    mono = np.concatenate(pieces)
+    del pieces
+    n = math.ceil(frames * rate / source_rate)  # librosa's length
+    if len(mono) != n:
         mono = np.pad(mono, (0, max(0, n - len(mono))))[:n]
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _check_length(seconds: float, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise AudioValidationError(
+            f"audio is {seconds:.1f} s long, over the {max_seconds:g} s limit (a job's limits.audio_seconds)"
+        )
 
 
 @cache

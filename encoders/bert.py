@@ -8,7 +8,6 @@ the weight store; the network below then loads it with no remapping.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpoint
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm
+from .checkpoint import Table
 from .errors import ConversionError
-from .model import MODALITIES, Encoder, Item, Options
-from .store import StoredModel, load_state
+from .model import TOWERS, Encoder, Item
+from .options import Options
 from .text import TextTokenizer
+from .weights import StoredModel, load_state
 
 POOLING = ("mean", "cls", "max")
 DEFAULT_MAX_SEQ_LENGTH = 512  # sentence-transformers' cap when a checkpoint sets none
@@ -84,7 +86,7 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 
 class BertEncoder(Encoder):
-    modalities = MODALITIES["bert"]
+    modalities = TOWERS["bert"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
@@ -120,33 +122,24 @@ class BertEncoder(Encoder):
         return self.finish(x)
 
 
-# Hugging Face BertModel / RobertaModel keys -> ours: the embeddings, then each layer's (under
-# encoder.layer.{i}. -> blocks.{i}.); query, key and value are concatenated into attn.qkv.
-HF_KEYS = {
-    "embeddings.word_embeddings.weight": "token_embedding.weight",
-    "embeddings.position_embeddings.weight": "position_embedding.weight",
-    "embeddings.token_type_embeddings.weight": "type_embedding.weight",
-    "embeddings.LayerNorm.weight": "ln.weight",
-    "embeddings.LayerNorm.bias": "ln.bias",
+# Key table, ours -> Hugging Face BertModel / RobertaModel (a task model's `bert.` or `roberta.` prefix stripped).
+TOP_KEYS = {
+    "token_embedding.weight": ("embeddings.word_embeddings.weight",),
+    "position_embedding.weight": ("embeddings.position_embeddings.weight",),
+    "type_embedding.weight": ("embeddings.token_type_embeddings.weight",),
+    "ln.weight": ("embeddings.LayerNorm.weight",),
+    "ln.bias": ("embeddings.LayerNorm.bias",),
 }
-HF_LAYER_KEYS = {
-    "attention.output.dense": "attn.out",
-    "attention.output.LayerNorm": "ln1",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "output.LayerNorm": "ln2",
+BLOCK_KEYS = {
+    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attn.out": ("attention.output.dense",),
+    "ln1": ("attention.output.LayerNorm",),
+    "mlp.fc1": ("intermediate.dense",),
+    "mlp.fc2": ("output.dense",),
+    "ln2": ("output.LayerNorm",),
 }
-HF_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 HF_PREFIXES = ("bert.", "roberta.")  # task-model checkpoints nest the encoder under one of these
-# sentence-transformers' older 1_Pooling/config.json: one boolean per mode
-ST_LEGACY_POOLING = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
+# heads and index buffers a checkpoint may carry that the sentence encoder does not run
 HF_UNUSED = (
     "pooler.",
     "cls.",
@@ -156,25 +149,30 @@ HF_UNUSED = (
     "embeddings.position_ids",
     "embeddings.token_type_ids",
 )
+# sentence-transformers' older 1_Pooling/config.json: one boolean per mode
+ST_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
-def _read_weights(src: Path) -> dict[str, Tensor]:
-    if (src / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(src / "model.safetensors")
-    if (src / "pytorch_model.bin").exists():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ConversionError(f"{src}: no model.safetensors or pytorch_model.bin (sharded checkpoints are not supported)")
-
-
-def _read_json(path: Path) -> dict | list | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def hf_table(dims: BertDims) -> Table:
+    """Every tensor of Bert(dims) -> the HF tensors it is made of."""
+    table = dict(TOP_KEYS)
+    for i in range(dims.layers):
+        for ours, theirs in BLOCK_KEYS.items():
+            for p in ("weight", "bias"):
+                table[f"blocks.{i}.{ours}.{p}"] = tuple(f"encoder.layer.{i}.{t}.{p}" for t in theirs)
+    return table
 
 
 def _sentence_transformer_modules(src: Path) -> tuple[Path, str, bool]:
     """modules.json -> (the transformer's directory, pooling mode, normalize); plain HF: (src, 'mean', False)."""
-    modules = _read_json(src / "modules.json")
+    modules = checkpoint.read_json_if(src / "modules.json")
     if modules is None:
         return src, "mean", False
     transformer, pooling, normalize = src, "mean", False
@@ -183,7 +181,7 @@ def _sentence_transformer_modules(src: Path) -> tuple[Path, str, bool]:
         if kind == "Transformer":
             transformer = src / module["path"]
         elif kind == "Pooling":
-            pooling = _pooling_mode(_read_json(src / module["path"] / "config.json") or {}, src)
+            pooling = _pooling_mode(checkpoint.read_json_if(src / module["path"] / "config.json") or {}, src)
         elif kind == "Normalize":
             normalize = True
         else:
@@ -206,7 +204,7 @@ def convert_hf(src: Path) -> StoredModel:
     """A Hugging Face BERT-family or sentence-transformers checkpoint directory -> weight store (kind 'bert')."""
     src = Path(src)
     transformer, pooling, normalize = _sentence_transformer_modules(src)
-    config = _read_json(transformer / "config.json")
+    config = checkpoint.read_json_if(transformer / "config.json")
     if config is None:
         raise ConversionError(f"{transformer}: no config.json")
     if config.get("position_embedding_type", "absolute") != "absolute":
@@ -216,10 +214,9 @@ def convert_hf(src: Path) -> StoredModel:
     activation = config.get("hidden_act", "gelu")
     if activation not in ACTIVATIONS:
         raise ConversionError(f"{transformer}: activation {activation!r} is not supported ({', '.join(ACTIVATIONS)})")
-    tokenizer_path = transformer / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise ConversionError(f"{transformer}: no tokenizer.json (save the tokenizer with a fast tokenizer first)")
-    st_config = _read_json(transformer / "sentence_bert_config.json") or {}
+    tokenizer_config = checkpoint.read_json_if(transformer / "tokenizer_config.json") or {}
+    tokenizer = checkpoint.tokenizer_json(transformer, lowercase=tokenizer_config.get("do_lower_case", True))
+    st_config = checkpoint.read_json_if(transformer / "sentence_bert_config.json") or {}
     pad_id = config.get("pad_token_id") or 0
     offset = pad_id + 1 if config.get("model_type") in ("roberta", "xlm-roberta") else 0
     try:
@@ -242,48 +239,8 @@ def convert_hf(src: Path) -> StoredModel:
         )
     except KeyError as e:
         raise ConversionError(f"{transformer / 'config.json'} has no {e.args[0]!r}") from None
-    tensors = _convert_weights(_read_weights(transformer), dims, transformer)
+    hf = checkpoint.strip_prefix(checkpoint.hf_tensors(transformer), HF_PREFIXES)
+    shapes = checkpoint.expected_shapes(lambda: Bert(dims))
+    tensors = checkpoint.remap(transformer, hf_table(dims), hf, shapes, ignored=HF_UNUSED)
     preprocess = {"lowercase": bool(st_config.get("do_lower_case", False))}
-    return StoredModel("bert", asdict(dims), tensors, preprocess, tokenizer_path.read_text())
-
-
-def _convert_weights(hf: dict[str, Tensor], dims: BertDims, src: Path) -> dict[str, Tensor]:
-    """Rename every HF tensor through the tables, fuse q/k/v; every key and shape is checked."""
-    for prefix in HF_PREFIXES:
-        if any(k.startswith(prefix + "embeddings.") for k in hf):
-            hf = {k.removeprefix(prefix): v for k, v in hf.items()}
-    hf = {k: v for k, v in hf.items() if not k.startswith(HF_UNUSED)}
-    table = dict(HF_KEYS)
-    for i in range(dims.layers):
-        for theirs, ours in HF_LAYER_KEYS.items():
-            for p in ("weight", "bias"):
-                table[f"encoder.layer.{i}.{theirs}.{p}"] = f"blocks.{i}.{ours}.{p}"
-    fused = {
-        f"blocks.{i}.attn.qkv.{p}": [f"encoder.layer.{i}.{name}.{p}" for name in HF_QKV]
-        for i in range(dims.layers)
-        for p in ("weight", "bias")
-    }
-    needed = set(table) | {k for keys in fused.values() for k in keys}
-    if missing := sorted(needed - set(hf)):
-        raise ConversionError(
-            f"{src}: checkpoint lacks tensor '{missing[0]}'"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if extra := sorted(set(hf) - needed):
-        raise ConversionError(
-            f"{src}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
-    out = {ours: hf[theirs] for theirs, ours in table.items()}
-    out |= {ours: torch.cat([hf[k] for k in keys]) for ours, keys in fused.items()}
-    with torch.device("meta"):
-        expected = Bert(dims).state_dict()
-    if set(out) != set(expected):
-        raise ConversionError(
-            f"{src}: conversion table does not cover the model ({sorted(set(out) ^ set(expected))[:3]})"
-        )
-    for name, t in out.items():
-        if t.shape != expected[name].shape:
-            raise ConversionError(
-                f"{src}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
-            )
-    return {name: t.float().contiguous() for name, t in out.items()}
+    return StoredModel("bert", asdict(dims), tensors, preprocess, tokenizer)

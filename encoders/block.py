@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import onednn
+
 
 def normal(*shape: int, std: float = 1.0) -> nn.Parameter:
     """A parameter drawn from N(0, std²). Models are built on the meta device to take stored weights, where
@@ -26,34 +28,14 @@ class Embedding(nn.Embedding):
         super().__init__(num, width, _weight=normal(num, width, std=std))
 
 
-def cpu_computes(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has kernels for `dtype` on this CPU (bf16: AVX-512 or AMX; fp16: AVX512-FP16 or AMX-FP16).
-    Elsewhere PyTorch emulates it: MiniLM ran 4.5x (fp16) and 7x (bf16) slower than in fp32 on an AVX2 EPYC."""
-    checks = {
-        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-    }
-    return dtype not in checks or (torch.backends.mkldnn.is_available() and checks[dtype]())
-
-
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and cpu_computes(torch.bfloat16) else (torch.float32,)
-
-
-def onednn(x: Tensor) -> bool:
-    """Whether `x` goes through inference on the CPU in fp32 or bf16, where oneDNN's fused linear applies. With
-    gradients on (training) layers stay on F.linear, as oneDNN's op has no backward."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-
-
 class Linear(nn.Linear):
     """nn.Linear whose float32 inference on the CPU runs on oneDNN, the kernel Inductor uses: MKL's sgemm, which
     F.linear calls, takes its AVX2 path on AMD CPUs, and oneDNN ran these shapes 2.2x faster on an AVX-512 EPYC
     at the same precision (BENCHMARKS.md). bf16 already runs on oneDNN."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and onednn(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if x.dtype == torch.float32:
+            return onednn.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -111,10 +93,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        if onednn(x) and self.activation in POST_OPS:
-            attr, algorithm = POST_OPS[self.activation]
-            return self.fc2(torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, attr, [], algorithm))
-        if onednn(x) and self.activation == "quick_gelu":
+        if onednn.applies(x) and self.activation in POST_OPS and isinstance(self.fc1, Linear):  # not an Int8Linear
+            return self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, POST_OPS[self.activation]))
+        if onednn.applies(x) and self.activation == "quick_gelu":
             h = self.fc1(x)
             return self.fc2(h.mul_((h * QUICK_GELU).sigmoid_()))  # in place: one new tensor, not three
         return self.fc2(self.act(self.fc1(x)))

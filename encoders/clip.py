@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import image
+from . import checkpoint, image
 from .block import ACTIVATIONS, Block, Embedding, LayerNorm, Linear, normal
 from .errors import ConversionError, ModelLoadError
-from .model import MODALITIES, Encoder, Item, Options
-from .store import StoredModel, load_state
+from .model import TOWERS, Encoder, Item, softmax_scores
+from .options import Options
 from .text import TextTokenizer
+from .vocab import BOS, EOS, clip_bpe
+from .weights import StoredModel, load_state
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # transformers keeps OpenAI's original pooling (at the highest token id) for configs whose
 # eos_token_id is 2, a placeholder old checkpoints carry; any other id pools at its first occurrence.
 HF_LEGACY_EOS_ID = 2
@@ -152,7 +150,7 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class ClipEncoder(Encoder):
-    modalities = MODALITIES["clip"]
+    modalities = TOWERS["clip"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
@@ -178,7 +176,11 @@ class ClipEncoder(Encoder):
     @property
     def logit_scale(self) -> float:
         """What CLIP multiplies cosine similarities by before its zero-shot softmax."""
-        return float(self.model.logit_scale.float().exp())
+        return float(self.stored.tensors["logit_scale"].float().exp())
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot: a softmax over the labels (the last axis) of logit_scale · cos."""
+        return softmax_scores(cosines, self.logit_scale)
 
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:
         self.check_modality(modality)
@@ -192,65 +194,6 @@ class ClipEncoder(Encoder):
             return self.finish(
                 self.model.encode_text(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
             )
-
-
-# --- tokenizer -------------------------------------------------------------------------
-
-
-def _clip_pipeline(model: BPE) -> Tokenizer:
-    """The normaliser, pre-tokeniser and decoder of transformers' CLIPTokenizer around a BPE model."""
-    tokenizer = Tokenizer(model)
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
-    """A CLIP BPE vocabulary (holding BOS and EOS) -> tokenizer.json text, as transformers' CLIPTokenizer builds it."""
-    if BOS not in vocab or EOS not in vocab:
-        raise ConversionError(f"the vocabulary has no {BOS} / {EOS} tokens")
-    model = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
-    tokenizer = _clip_pipeline(model)
-    tokenizer.add_special_tokens([BOS, EOS])
-    tokenizer.post_processor = processors.RobertaProcessing(
-        (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False
-    )
-    return tokenizer.to_str()
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> str:
-    """A CLIP-style byte-level BPE tokenizer with at most `vocab_size` tokens, trained on `texts` -> tokenizer.json text.
-
-    Laid out like OpenAI's: the 256 byte symbols, the same with the end-of-word suffix, one token
-    per merge, then BOS and EOS (so EOS has the highest id).
-    """
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # code-point order = OpenAI's byte order
-    base = alphabet + [c + "</w>" for c in alphabet]
-    if vocab_size <= len(base) + 2:
-        raise ValueError(f"vocab_size must exceed {len(base) + 2} (the byte symbols and BOS/EOS)")
-    tokenizer = _clip_pipeline(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    trainer = BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    merges = [tuple(m) for m in json.loads(tokenizer.to_str())["model"]["merges"]][: vocab_size - len(base) - 2]
-    tokens = list(dict.fromkeys(base + ["".join(m) for m in merges])) + [BOS, EOS]
-    return _clip_tokenizer({t: i for i, t in enumerate(tokens)}, merges)
-
-
-def tokenizer_from_bpe_files(vocab: Path, merges: Path) -> str:
-    """vocab.json + merges.txt of a CLIP checkpoint -> tokenizer.json text."""
-    vocab_map, merge_list = BPE.read_file(str(vocab), str(merges))
-    return _clip_tokenizer(vocab_map, merge_list)
 
 
 # --- Hugging Face checkpoints ----------------------------------------------------------
@@ -342,13 +285,6 @@ def key_table(dims: CLIPDims) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
-
-
 def dims_from_hf(config: dict) -> CLIPDims:
     """A CLIPModel config.json -> CLIPDims."""
     text = HF_TEXT_DEFAULTS | (config.get("text_config") or {}) | (config.get("text_config_dict") or {})
@@ -406,47 +342,15 @@ def preprocess_from_hf(config: dict, dims: CLIPDims) -> dict:
     return {"size": size, "crop_size": crop, "mean": mean, "std": std}
 
 
-def _read_weights(src: Path) -> dict[str, Tensor]:
-    if (src / "model.safetensors").exists():
-        return load_file(src / "model.safetensors")
-    if (src / "pytorch_model.bin").exists():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ConversionError(f"{src}: no model.safetensors or pytorch_model.bin")
-
-
-def _read_tokenizer(src: Path) -> str:
-    if (src / "tokenizer.json").exists():
-        return (src / "tokenizer.json").read_text()
-    if (src / "vocab.json").exists() and (src / "merges.txt").exists():
-        return tokenizer_from_bpe_files(src / "vocab.json", src / "merges.txt")
-    raise ConversionError(f"{src}: no tokenizer.json, or vocab.json + merges.txt")
-
-
 def convert_hf(src: Path) -> StoredModel:
     """A Hugging Face CLIPModel checkpoint directory -> a CLIP StoredModel."""
     src = Path(src)
-    dims = dims_from_hf(_read_json(src / "config.json"))
-    image_config = _read_json(src / "preprocessor_config.json") if (src / "preprocessor_config.json").exists() else {}
-    hf = _read_weights(src)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in CLIP(dims).state_dict().items()}
-    table = key_table(dims)
-    assert set(table) == set(shapes), "key_table and the CLIP module disagree"
-    tensors = {}
-    for ours, parts in table.items():
-        for k in parts:
-            if k not in hf:
-                raise ConversionError(f"{src}: checkpoint has no tensor '{k}'")
-        t = torch.cat([hf[k] for k in parts]) if len(parts) > 1 else hf[parts[0]]
-        if tuple(t.shape) != shapes[ours]:
-            raise ConversionError(
-                f"{src}: '{parts[0]}' gives shape {tuple(t.shape)} for '{ours}', the config implies {shapes[ours]}"
-            )
-        tensors[ours] = t.contiguous()
-    unused = set(hf) - {k for parts in table.values() for k in parts} - set(IGNORED_KEYS)
-    if unused:
-        raise ConversionError(f"{src}: unexpected tensor '{min(unused)}' (a CLIPModel checkpoint has none such)")
-    return StoredModel("clip", asdict(dims), tensors, preprocess_from_hf(image_config, dims), _read_tokenizer(src))
+    dims = dims_from_hf(checkpoint.read_json(src / "config.json"))
+    image_config = checkpoint.read_json_if(src / "preprocessor_config.json") or {}
+    shapes = checkpoint.expected_shapes(lambda: CLIP(dims))
+    tensors = checkpoint.remap(src, key_table(dims), checkpoint.hf_tensors(src), shapes, ignored=IGNORED_KEYS)
+    tokenizer = checkpoint.tokenizer_json(src, bpe=clip_bpe)
+    return StoredModel("clip", asdict(dims), tensors, preprocess_from_hf(image_config, dims), tokenizer)
 
 
 def hf_config(dims: CLIPDims) -> dict:
@@ -505,7 +409,9 @@ def export_hf(stored: StoredModel, dest: Path) -> Path:
         image_std=p["std"],
     )
     tokenizer_config = dict(
-        tokenizer_class="CLIPTokenizer",
+        # the tokenizer.json as it is: transformers' CLIPTokenizer would rebuild CLIP's BPE pipeline around its
+        # vocabulary, mis-tokenising any other tokenizer (the word-level one of shapes-clip)
+        tokenizer_class="PreTrainedTokenizerFast",
         model_max_length=dims.context_length,
         bos_token=BOS,
         eos_token=EOS,

@@ -1,51 +1,63 @@
-"""Checkpoint directory -> weight store: detect the format, hand it to the model's converter."""
+"""Checkpoint directory -> weight store: detect the format, hand it to its family's converter."""
 
 from __future__ import annotations
 
-import json
+import importlib
 from pathlib import Path
 
-from . import store
+from . import checkpoint, weights
 from .errors import ConversionError
-from .store import StoredModel
+from .weights import StoredModel
+
+# format -> "module:function" of its converter, imported only when used (each imports torch)
+CONVERTERS = {
+    "hf-clip": "encoders.clip:convert_hf",
+    "hf-whisper": "encoders.whisper:convert_hf",
+    "ct2-whisper": "encoders.whisper:convert_ct2",
+    "hf-bert": "encoders.bert:convert_hf",
+    "hf-siglip": "encoders.siglip:convert_hf",
+    "openclip": "encoders.openclip:convert",
+    "hf-clap": "encoders.clap:convert_hf",
+}
+BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 
 
 def detect(src: Path) -> str:
-    """-> 'ct2-whisper', 'hf-clip', 'hf-whisper' or 'hf-bert'."""
-    config_path = src / "config.json"
-    if not src.is_dir() or not config_path.exists():
-        raise ConversionError(f"{src} is not a checkpoint directory (no config.json)")
-    config = json.loads(config_path.read_text())
+    """The checkpoint format of directory `src`: one of CONVERTERS."""
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a checkpoint directory")
+    config = checkpoint.read_json_if(src / "config.json")
+    openclip = (src / "open_clip_config.json").exists()  # hub repos often hold both formats; HF's config wins
+    if config is None:
+        if openclip:
+            return "openclip"
+        raise ConversionError(f"{src} is not a checkpoint directory (no config.json or open_clip_config.json)")
     if (src / "model.bin").exists() and "model_type" not in config:
         return "ct2-whisper"
     model_type = config.get("model_type")
-    if model_type == "clip":
-        return "hf-clip"
-    if model_type == "whisper":
-        return "hf-whisper"
-    if model_type in ("bert", "roberta", "xlm-roberta") or any(
-        a.startswith("Bert") for a in config.get("architectures", [])
-    ):
+    if model_type in ("clip", "whisper", "siglip", "clap"):
+        return f"hf-{model_type}"
+    if model_type in BERT_TYPES or any(a.startswith("Bert") for a in config.get("architectures", [])):
         return "hf-bert"
+    if openclip:
+        return "openclip"
+    if model_type == "siglip2":
+        raise ConversionError(
+            f"{src}: SigLIP 2 NaFlex (model_type 'siglip2', variable resolution) is not supported; "
+            "the fixed-resolution SigLIP 2 checkpoints (model_type 'siglip') are"
+        )
     raise ConversionError(
-        f"{src}: unsupported model_type {model_type!r} (supported: CLIP, Whisper, BERT-family, CTranslate2 Whisper)"
+        f"{src}: unsupported model_type {model_type!r} "
+        "(supported: CLIP, SigLIP, Whisper, CLAP, BERT-family, CTranslate2 Whisper, OpenCLIP)"
     )
 
 
 def read_checkpoint(src: Path) -> StoredModel:
-    fmt = detect(src)
-    if fmt == "hf-clip":
-        from .clip import convert_hf
-    elif fmt == "hf-whisper":
-        from .whisper import convert_hf
-    elif fmt == "ct2-whisper":
-        from .whisper import convert_ct2 as convert_hf
-    else:
-        from .bert import convert_hf
-    stored = convert_hf(src)
+    module, function = CONVERTERS[detect(src)].split(":")
+    stored = getattr(importlib.import_module(module), function)(src)
     stored.source = str(src.resolve())
     return stored
 
 
 def convert(src: str | Path, dest: str | Path) -> Path:
-    return store.save(read_checkpoint(Path(src)), dest)
+    return weights.save(read_checkpoint(Path(src)), dest)

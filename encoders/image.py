@@ -1,10 +1,13 @@
-"""Image input: decode any PIL-readable bytes to RGB, then CLIP's resize / crop / normalise.
+"""Image input: decode any PIL-readable bytes to RGB, then resize / crop / normalise.
 
 `preprocess` reproduces transformers' CLIPImageProcessor (its PIL backend, which is what
 runs without torchvision) value for value: shortest side resized with PIL bicubic to
 `size` (the long side truncated to an int, as HF does), centre crop, uint8 -> [0, 1] in
 float64 then float32, and (x - mean) / std in float32. The last two steps only ever see 256
 input values per channel, so they run as one table lookup with the same arithmetic.
+Its settings also cover SiglipImageProcessor (`resize="squash"`: both sides to `size`, no
+crop) and OpenCLIP's torchvision transforms (`crop_rounding="round"`, bilinear or bicubic);
+torchvision's uint8 -> float32 division differs from HF's rescale by at most one float32 ulp.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ RESCALE = 1 / 255  # uint8 -> [0, 1], the CLIPImageProcessor default rescale_fac
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL clips these at 255 in convert(); we scale instead
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# shortest: the short side to `size`, then the centre crop; squash: both sides to `size`, aspect ignored, no crop
+RESIZE_MODES = ("shortest", "squash")
+# The crop's offset (long side - crop) / 2: transformers floors it, torchvision rounds it (half to even)
+CROP_ROUNDING = ("floor", "round")
 
 
 def decode(data: bytes) -> Image.Image:
@@ -89,26 +97,37 @@ def normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarr
     return (levels[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
 
 
+def crop_offset(excess: int, rounding: str) -> int:
+    """Where a centre crop starts when the image is `excess` pixels larger than the crop along one side."""
+    return excess // 2 if rounding == "floor" else round(excess / 2)
+
+
 def preprocess(
     image: Image.Image,
     size: int = 224,
     crop_size: int = 224,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
+    resize: str = "shortest",
+    resample: str = "bicubic",
+    crop_rounding: str = "floor",
 ) -> np.ndarray:
     """RGB PIL image -> pixel values (3, crop_size, crop_size) float32.
 
-    size: the short side after resizing (>= crop_size); mean, std: per RGB channel.
+    size: the short side after resizing (>= crop_size), or with resize="squash" both sides (= crop_size);
+    mean, std: per RGB channel; resample: one of RESAMPLE; crop_rounding: one of CROP_ROUNDING.
     """
     if image.mode != "RGB":
         raise ValueError(f"preprocess needs an RGB image (use decode), got mode {image.mode}")
-    if size < crop_size:
-        raise ValueError(f"size ({size}) must be at least crop_size ({crop_size})")
-    target = resized_size(*image.size, size)
+    if resize not in RESIZE_MODES or resample not in RESAMPLE or crop_rounding not in CROP_ROUNDING:
+        raise ValueError(f"unknown resize {resize!r}, resample {resample!r} or crop_rounding {crop_rounding!r}")
+    if size < crop_size or (resize == "squash" and size != crop_size):
+        raise ValueError(f"size ({size}) must be at least crop_size ({crop_size}), and equal it to squash")
+    target = (size, size) if resize == "squash" else resized_size(*image.size, size)
     if target != image.size:
-        image = image.resize(target, Image.Resampling.BICUBIC)
+        image = image.resize(target, RESAMPLE[resample])
     width, height = target
-    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    top, left = crop_offset(height - crop_size, crop_rounding), crop_offset(width - crop_size, crop_rounding)
     pixels = np.asarray(image)[top : top + crop_size, left : left + crop_size]
     table = normalize_table(tuple(mean), tuple(std))
     out = np.empty((3, crop_size, crop_size), dtype=np.float32)

@@ -18,48 +18,36 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import audio, image
+from . import audio, clap_audio, image
 from .errors import AudioValidationError, ModelLoadError
+from .options import Options
 from .text import check_text
 
 if TYPE_CHECKING:
     import torch
 
-    from .store import StoredModel
+    from .weights import StoredModel
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-AUDIO_MODES = ("trimmed", "padded")
-MODALITIES = {"clip": ("image", "text"), "whisper": ("audio",), "bert": ("text",)}  # what each model kind embeds
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for a model that has none of its own
 
 
-@dataclass(frozen=True)
-class Options:
-    """How to run a model: device (None = cuda if available, else cpu), compute dtype, Whisper mode."""
+def softmax_scores(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
+    """cosines (..., n_labels) -> the probability of each label, the labels competing (each row sums to 1)."""
+    logits = logit_scale * np.asarray(cosines, dtype=np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
 
-    device: str | None = None
-    dtype: str = "float32"
-    audio_mode: str = "trimmed"
-    normalize: bool = True
 
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.audio_mode not in AUDIO_MODES:
-            raise ModelLoadError(f"audio mode must be one of {', '.join(AUDIO_MODES)}, not {self.audio_mode!r}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        import torch
-
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype)
+# what each model kind embeds
+TOWERS = {
+    "clip": ("image", "text"),
+    "siglip": ("image", "text"),
+    "whisper": ("audio",),
+    "bert": ("text",),
+    "clap": ("audio", "text"),
+}
 
 
 Item = np.ndarray | str
@@ -76,7 +64,7 @@ class Inputs:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return MODALITIES[self.kind]
+        return TOWERS[self.kind]
 
     def check(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -91,13 +79,17 @@ class Inputs:
         if modality == "audio":
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise AudioValidationError(f"audio must be file bytes, not {type(raw).__name__}")
-            return audio.features(audio.decode(bytes(raw)), self.settings["n_mels"], self.options.audio_mode)
-        text = check_text(raw)
+            longest = self.options.max_audio_seconds
+            if self.kind == "clap":
+                return clap_audio.preprocess(bytes(raw), self.settings, longest)
+            samples = audio.decode(bytes(raw), max_seconds=longest)
+            return audio.features(samples, self.settings["n_mels"], self.options.audio_mode)
+        text = check_text(raw, self.options.max_text_bytes)
         return text.lower() if self.settings.get("lowercase") else text
 
 
 class Encoder(ABC):
-    """A loaded model. Subclasses set `modalities` (`MODALITIES` of their kind) and build their network in `build`."""
+    """A loaded model. Subclasses set `modalities` (`TOWERS` of their kind) and build their network in `build`."""
 
     modalities: tuple[str, ...] = ()
 
@@ -112,14 +104,24 @@ class Encoder(ABC):
     @cached_property
     def model(self) -> torch.nn.Module:
         """The network, built on first use: preprocessing alone never reads a weight."""
-        from .block import cpu_computes
+        from . import int8
+        from .onednn import computes
 
-        if self.options.torch_device.type == "cpu" and not cpu_computes(self.options.torch_dtype):
+        cpu = self.options.torch_device.type == "cpu"
+        if cpu and not computes(self.options.torch_dtype):
             log.warning(
                 f"{self.name}: this CPU has no {self.options.dtype} instructions, so PyTorch emulates them: "
                 "expect it several times slower than float32"
             )
-        return self.build(self.stored)
+        if self.options.dtype != "int8":
+            return self.build(self.stored)
+        if cpu and not int8.cpu_has_vnni():
+            log.warning(
+                f"{self.name}: this CPU has no int8 dot-product instructions (VNNI): int8 runs no faster than float32"
+            )
+        if not cpu:
+            raise ModelLoadError(f"{self.name}: dtype int8 runs on the CPU only")
+        return int8.quantize(self.build(self.stored))
 
     @abstractmethod
     def build(self, stored: StoredModel) -> torch.nn.Module:
@@ -136,6 +138,18 @@ class Encoder(ABC):
 
     def preprocess(self, modality: str, raw: bytes | str) -> Item:
         return self.inputs(modality, raw)
+
+    def score(self, cosines: np.ndarray) -> np.ndarray:
+        """Zero-shot classification: cosines (..., n_labels) of items with each label's text embedding -> the
+        probabilities the model was trained to give (CLIP, CLAP: a softmax over the labels; SigLIP: a sigmoid per
+        label). A model trained for none (a sentence encoder) gets CLIP's softmax at CLIP's trained temperature."""
+        return softmax_scores(cosines, DEFAULT_LOGIT_SCALE)
+
+    def zero_shot(self, embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
+        """(n, dim) item embeddings, (labels, dim) label text embeddings -> (n, labels) probabilities, by `score`."""
+        a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        b = label_embeddings / np.linalg.norm(label_embeddings, axis=1, keepdims=True)
+        return self.score(a @ b.T)
 
     @abstractmethod
     def embed(self, modality: str, items: Sequence[Item]) -> np.ndarray:

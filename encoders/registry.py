@@ -7,14 +7,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import store
+from . import weights
 from .errors import ModelLoadError
-from .model import MODALITIES, Encoder, Inputs, Options
+from .model import TOWERS, Encoder, Inputs
+from .options import Options
 
-KINDS = {
+ENCODER_CLASSES = {
     "clip": "encoders.clip:ClipEncoder",
+    "siglip": "encoders.siglip:SiglipEncoder",
     "whisper": "encoders.whisper:WhisperEncoder",
     "bert": "encoders.bert:BertEncoder",
+    "clap": "encoders.clap:ClapEncoder",
 }
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
@@ -39,8 +42,9 @@ def model_home() -> Path:
     return Path(os.environ.get("MMEMBED_HOME") or Path.home() / ".cache" / "mmembed")
 
 
-def models_dir() -> Path:
-    return model_home() / "models"
+def models_dir(format: int = weights.FORMAT) -> Path:
+    """Where converted models of a store format live: older formats' conversions are never read as current."""
+    return model_home() / ("models" if format == 1 else f"models-v{format}")
 
 
 def bundled_names() -> list[str]:
@@ -65,14 +69,19 @@ def resolve(name: str) -> Path:
         from .convert import convert
 
         return convert(PACKAGED[name](), path)
+    if (models_dir(weights.FORMAT - 1) / f"{name}.parquet").exists():
+        raise ModelLoadError(
+            f"model {name!r} was converted by an older mmembed (store format {weights.FORMAT - 1}, "
+            f"{models_dir(weights.FORMAT - 1)}): convert it again with 'mmembed models convert SRC {name}'"
+        )
     known = ", ".join(sorted(set(bundled_names()) | {p.stem for p in models_dir().glob("*.parquet")}))
     raise ModelLoadError(f"unknown model {name!r} (known: {known}; add one with 'mmembed models convert SRC NAME')")
 
 
 def encoder_class(kind: str) -> type[Encoder]:
-    if kind not in KINDS:
+    if kind not in ENCODER_CLASSES:
         raise ModelLoadError(f"unknown model kind {kind!r}")
-    module, cls = KINDS[kind].split(":")
+    module, cls = ENCODER_CLASSES[kind].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -83,7 +92,7 @@ def short_name(name: str) -> str:
 
 def load_encoder(name: str, options: Options = Options()) -> Encoder:
     """The model by name, its network built (a store missing or misshaping a tensor fails here, naming it)."""
-    stored = store.load(resolve(name))
+    stored = weights.load(resolve(name))
     encoder = encoder_class(stored.kind)(short_name(name), stored, options)
     _ = encoder.model  # built now, so a store missing or misshaping a tensor fails here
     return encoder
@@ -91,8 +100,8 @@ def load_encoder(name: str, options: Options = Options()) -> Encoder:
 
 def load_inputs(name: str, options: Options = Options()) -> Inputs:
     """The model's preprocessing alone, from its store's footer: no weights read, no torch imported."""
-    meta = store.read_meta(resolve(name))
-    if meta["kind"] not in MODALITIES:
+    meta = weights.read_meta(resolve(name))
+    if meta["kind"] not in TOWERS:
         raise ModelLoadError(f"unknown model kind {meta['kind']!r}")
     return Inputs(short_name(name), meta["kind"], meta["preprocess"] or {}, options)
 
@@ -113,7 +122,7 @@ def list_models() -> list[ModelInfo]:
         if not path.exists():
             path = models_dir() / f"{name}.parquet"
         kind = (
-            store.read_meta(path)["kind"]
+            weights.read_meta(path)["kind"]
             if path.exists()
             else {"minilm-l6": "bert", "whisper-tiny.en": "whisper"}[name]
         )
@@ -125,5 +134,5 @@ def list_models() -> list[ModelInfo]:
     bundled = set(bundled_names())
     for path in sorted(models_dir().glob("*.parquet")):
         if path.stem not in bundled:
-            infos.append(ModelInfo(path.stem, store.read_meta(path)["kind"], "converted", path, path.stat().st_size))
+            infos.append(ModelInfo(path.stem, weights.read_meta(path)["kind"], "converted", path, path.stat().st_size))
     return infos

@@ -3,26 +3,31 @@
 The reference is picked by the format of the checkpoint the store was converted from:
 sentence-transformers for BERT-family models, CTranslate2 or transformers' WhisperModel for
 Whisper, transformers' CLIPModel for CLIP (a CLIP store with no checkpoint on disk, such as
-one this project trained, is exported to a Hugging Face directory first). Both run in fp32 on
-the CPU over a few built-in samples; every sample must reach cosine >= THRESHOLD.
+one this project trained, is exported to a Hugging Face directory first), transformers'
+SiglipModel for SigLIP and open_clip's own model code for OpenCLIP checkpoints. Both run in
+fp32 on the CPU over a few built-in samples; every sample must reach cosine >= THRESHOLD.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import io
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
-from . import registry, store
+from . import checkpoint, registry, weights
 from .convert import detect
 from .errors import EncoderError, ModelLoadError
-from .model import Encoder, Options
+from .model import Encoder
+from .options import Options
 
 THRESHOLD = 0.9999  # the project's parity standard, per example, fp32
 OPTIONS = Options(
@@ -77,6 +82,17 @@ class ValidationReport:
             "passed": self.passed,
             "examples": [{"modality": e.modality, "label": e.label, "cosine": e.cosine} for e in self.examples],
         }
+
+    def __str__(self) -> str:
+        """One line per example (its cosine, and whether it reaches the threshold), then the verdict."""
+        width = max(len(e.label) for e in self.examples)
+        lines = [f"{self.name} ({self.kind}) against {self.reference}, cosine >= {self.threshold} on every example:"]
+        lines += [
+            f"  {'ok  ' if e.cosine >= self.threshold else 'FAIL'} {e.modality:<5} {e.label:<{width}}  {e.cosine:.6f}"
+            for e in self.examples
+        ]
+        verdict = "PASS" if self.passed else "FAIL"
+        return "\n".join([*lines, f"{verdict}: lowest cosine {self.min_cosine:.6f} over {len(self.examples)} examples"])
 
 
 def _require(module: str, package: str) -> ModuleType:
@@ -212,11 +228,144 @@ def clip_reference(encoder: Encoder, src: Path) -> list[ExampleResult]:
     )
 
 
+def siglip_reference(encoder: Encoder, src: Path) -> list[ExampleResult]:
+    """transformers' SiglipModel, its image processor and the tokenizer class transformers has for the release
+    (SiglipTokenizer, or Siglip2Tokenizer for SigLIP 2), texts padded to full length and attended unmasked."""
+    transformers = _require("transformers", "transformers")
+    import torch
+    from PIL import Image
+
+    from .siglip import tokenizer_kind
+
+    kind = tokenizer_kind(src)
+    if kind == "spiece":
+        _require("sentencepiece", "sentencepiece")
+    tokenizer_class = {"spiece": "SiglipTokenizer", "siglip2": "Siglip2Tokenizer"}.get(kind, "AutoTokenizer")
+    tokenizer = getattr(transformers, tokenizer_class).from_pretrained(src)
+    model = transformers.SiglipModel.from_pretrained(src).eval()
+    processor = transformers.SiglipImageProcessorPil.from_pretrained(src)
+    images = sample_images()
+    pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images.values()], return_tensors="pt")[
+        "pixel_values"
+    ]
+    length = encoder.dims.context_length
+    ids = tokenizer(list(SAMPLE_TEXTS), padding="max_length", max_length=length, truncation=True, padding_side="right")[
+        "input_ids"
+    ]
+    with torch.no_grad():
+        image_ref = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        text_ref = model.get_text_features(input_ids=torch.tensor(ids)).pooler_output.numpy()
+    return _compare("image", list(images), encoder.encode("image", list(images.values())), image_ref) + _compare(
+        "text", _text_labels(), encoder.encode("text", SAMPLE_TEXTS), text_ref
+    )
+
+
+TORCHVISION_STUBS = ("torchvision", "torchvision.ops", "torchvision.ops.misc")
+
+
+def open_clip_modules() -> SimpleNamespace:
+    """open_clip's `model` and `tokenizer` modules, imported without running its package __init__, which imports
+    its transforms and so torchvision (absent here: torchvision wheels pin a CUDA torch). `open_clip.utils` imports
+    torchvision's FrozenBatchNorm2d (used only to freeze ResNet towers), so a stand-in is present while it loads."""
+    import torch
+
+    _require("ftfy", "ftfy")  # open_clip.tokenizer imports it
+    if "open_clip" not in sys.modules:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingReferenceError(
+                "validation needs open_clip as the reference; install it without its dependencies (they replace "
+                "torch): pip install --no-deps 'open-clip-torch==3.3.0'"
+            )
+        package = ModuleType("open_clip")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["open_clip"] = package
+    importlib.import_module("open_clip.hf_model")  # imports transformers, before any stand-in exists
+    if "open_clip.utils" not in sys.modules:
+        stubs = {name: ModuleType(name) for name in TORCHVISION_STUBS}
+        for name, stub in stubs.items():
+            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        stubs["torchvision.ops.misc"].FrozenBatchNorm2d = torch.nn.BatchNorm2d
+        saved = {name: sys.modules.get(name) for name in TORCHVISION_STUBS}
+        sys.modules.update(stubs)
+        try:
+            importlib.import_module("open_clip.utils")
+        finally:
+            for name, module in saved.items():
+                if module is None:
+                    del sys.modules[name]
+                else:
+                    sys.modules[name] = module
+    return SimpleNamespace(
+        model=importlib.import_module("open_clip.model"), tokenizer=importlib.import_module("open_clip.tokenizer")
+    )
+
+
+def open_clip_pixels(image, size: int, preprocess_cfg: dict) -> np.ndarray:
+    """open_clip's eval transform, restated as torchvision runs it on a PIL image (torchvision itself being absent):
+    Resize(size) (the short side to size, the long side truncated; resize_mode squash: both sides) with PIL's
+    bicubic or bilinear, CenterCrop(size) at int(round(excess / 2)), ToTensor (uint8 / 255 in float32), Normalize."""
+    from PIL import Image
+
+    cfg = {k: v for k, v in preprocess_cfg.items() if v is not None}
+    resample = Image.Resampling.BILINEAR if cfg.get("interpolation") == "bilinear" else Image.Resampling.BICUBIC
+    image = image.convert("RGB")
+    w, h = image.size
+    if cfg.get("resize_mode", "shortest") == "squash":
+        target = (size, size)
+    else:
+        target = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    image = image.resize(target, resample)
+    top, left = round((target[1] - size) / 2.0), round((target[0] - size) / 2.0)
+    x = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32).transpose(2, 0, 1)
+    x = x / np.float32(255)
+    mean = np.asarray(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32).reshape(-1, 1, 1)
+    return (x - mean) / std
+
+
+def open_clip_model(src: Path):
+    """open_clip's CLIP (or CustomTextCLIP) built from an OpenCLIP directory's config, its weights loaded strictly."""
+    from .openclip import CONFIG, WEIGHTS
+
+    modules = open_clip_modules()
+    model_cfg = dict(checkpoint.read_json(src / CONFIG)["model_cfg"])
+    cls = modules.model.CustomTextCLIP if model_cfg.pop("custom_text", False) else modules.model.CLIP
+    model = cls(**model_cfg)
+    state = checkpoint.hf_tensors(src, names=WEIGHTS)
+    state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)  # as open_clip's load_checkpoint
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def openclip_reference(encoder: Encoder, src: Path) -> list[ExampleResult]:
+    import torch
+    from PIL import Image
+
+    from .openclip import CONFIG
+
+    modules = open_clip_modules()
+    model = open_clip_model(src)
+    preprocess_cfg = checkpoint.read_json(src / CONFIG).get("preprocess_cfg") or {}
+    images = sample_images()
+    size = encoder.dims.image_size
+    pixels = np.stack([open_clip_pixels(Image.open(io.BytesIO(b)), size, preprocess_cfg) for b in images.values()])
+    tokens = modules.tokenizer.SimpleTokenizer(context_length=encoder.dims.context_length)(list(SAMPLE_TEXTS))
+    with torch.no_grad():
+        image_ref = model.encode_image(torch.from_numpy(pixels)).numpy()
+        text_ref = model.encode_text(tokens).numpy()
+    return _compare("image", list(images), encoder.encode("image", list(images.values())), image_ref) + _compare(
+        "text", _text_labels(), encoder.encode("text", SAMPLE_TEXTS), text_ref
+    )
+
+
 REFERENCES: dict[str, tuple[str, Callable[[Encoder, Path], list[ExampleResult]]]] = {
     "hf-bert": ("sentence-transformers SentenceTransformer", bert_reference),
     "ct2-whisper": ("ctranslate2 Whisper encoder", whisper_ct2_reference),
     "hf-whisper": ("transformers WhisperModel encoder", whisper_hf_reference),
     "hf-clip": ("transformers CLIPModel", clip_reference),
+    "hf-siglip": ("transformers SiglipModel", siglip_reference),
+    "openclip": ("open_clip CLIP", openclip_reference),
 }
 
 
@@ -224,14 +373,14 @@ def validate(name: str) -> ValidationReport:
     """Run model NAME (a registry name or store path) and its reference on the built-in samples."""
     path = registry.resolve(name)
     encoder = registry.load_encoder(name, OPTIONS)
-    source = store.read_meta(path).get("source")
+    source = weights.read_meta(path).get("source")
     with tempfile.TemporaryDirectory(prefix="mmembed-validate-") as tmp:
-        if source and Path(source, "config.json").exists():
+        if source and Path(source).is_dir():
             src = Path(source)
         elif encoder.kind == "clip":
             from .clip import export_hf
 
-            src = export_hf(store.load(path), Path(tmp))
+            src = export_hf(weights.load(path), Path(tmp))
         else:
             where = f"its source {source} is gone" if source else "it records no source checkpoint"
             raise ModelLoadError(

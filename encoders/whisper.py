@@ -1,4 +1,4 @@
-"""Whisper's audio encoder as an embedding model, and its converters.
+"""Whisper's audio encoder as an embedding model: dims, modules, key tables.
 
 An audio clip's embedding is the mean of the encoder's last hidden states over every real
 position of the clip: all 1500 positions of each 30 s window in `padded` mode, the
@@ -8,11 +8,8 @@ than 30 s is several windows, encoded in one batch, and its mean runs over all o
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -22,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import audio
+from . import audio, checkpoint
 from .block import Block, LayerNorm
+from .checkpoint import Table
 from .decoding import SpecialTokens
 from .errors import AudioValidationError, ConversionError, ModelLoadError
-from .model import MODALITIES, Encoder, Item, Options
-from .store import StoredModel, load_state
+from .model import TOWERS, Encoder, Item
+from .options import Options
+from .weights import StoredModel, load_state
 from .whisper_decoder import DECODER, DECODER_CONFIG, TOKENS_CONFIG, DecoderDims, TextDecoder, ct2_decoder, hf_decoder
 
 
@@ -75,7 +74,7 @@ MAX_WINDOWS = 64  # 30 s windows per forward pass, so a batch holding hours of a
 
 
 class WhisperEncoder(Encoder):
-    modalities = MODALITIES["whisper"]
+    modalities = TOWERS["whisper"]
 
     def __init__(self, name: str, stored: StoredModel, options: Options = Options()):
         super().__init__(name, stored, options)
@@ -111,8 +110,12 @@ class WhisperEncoder(Encoder):
         self._need_decoder()
         return SpecialTokens.from_config(self.config[TOKENS_CONFIG])
 
+    @property
+    def can_transcribe(self) -> bool:
+        return DECODER_CONFIG in self.config
+
     def _need_decoder(self) -> None:
-        if DECODER_CONFIG not in self.config:
+        if not self.can_transcribe:
             raise ModelLoadError(f"model {self.name!r} holds Whisper's encoder alone: it cannot transcribe")
 
     def _check(self, item: Item) -> np.ndarray:
@@ -155,13 +158,10 @@ class WhisperEncoder(Encoder):
             return (hidden * real[..., None]).sum(1).cpu(), real.sum(1).float().cpu()
 
 
-# Converters: a source checkpoint's encoder tensors -> our names, by one table per format.
-# Each entry lists the source tensors concatenated into ours; None stands for zeros, the key
-# bias Whisper lacks (the shared block's fused projection has one).
-Table = dict[str, tuple[str | None, ...]]
-
-
-def _hf_table(layers: int) -> Table:
+# Key tables, ours -> source. None stands for zeros: the key bias Whisper lacks (the shared block's fused
+# projection has one).
+def hf_table(layers: int) -> Table:
+    """Ours -> transformers' WhisperEncoder (under `model.encoder.` or `encoder.`)."""
     table: Table = {
         "conv1.weight": ("conv1.weight",),
         "conv1.bias": ("conv1.bias",),
@@ -190,7 +190,8 @@ def _hf_table(layers: int) -> Table:
     return table
 
 
-def _ct2_table(layers: int) -> Table:
+def ct2_table(layers: int) -> Table:
+    """Ours -> CTranslate2's WhisperSpec encoder variables (under `encoder/`)."""
     table: Table = {
         "conv1.weight": ("conv1/weight",),
         "conv1.bias": ("conv1/bias",),
@@ -219,35 +220,8 @@ def _ct2_table(layers: int) -> Table:
     return table
 
 
-def _remap(src: Path, dims: WhisperDims, table: Table, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Build every tensor of `AudioEncoder(dims)` from `tensors`, which must all be used."""
-    with torch.device("meta"):
-        expected = AudioEncoder(dims).state_dict()
-    assert table.keys() == expected.keys(), "the converter table must name every encoder tensor"
-    used = {key for keys in table.values() for key in keys if key}
-    for problem, names in (("missing", used - tensors.keys()), ("unexpected", tensors.keys() - used)):
-        if names:
-            first, *more = sorted(names)
-            raise ConversionError(
-                f"{src}: {problem} encoder tensor {first!r}" + (f" (and {len(more)} more)" if more else "")
-            )
-    out = {}
-    for name, keys in table.items():
-        parts = [tensors[k].float() if k else torch.zeros(dims.width) for k in keys]
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise ConversionError(
-                f"{src}: {', '.join(map(str, keys))} have shapes {[tuple(p.shape) for p in parts]} that do not fuse"
-            )
-        t = torch.cat(parts)
-        if t.shape != expected[name].shape:
-            raise ConversionError(
-                f"{src}: {' + '.join(k or 'zeros' for k in keys)} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
-            )
-        out[name] = t.contiguous()
-    return out
-
-
-def _stored(dims: WhisperDims, tensors: dict[str, Tensor]) -> StoredModel:
+def _stored(src: Path, dims: WhisperDims, table: Table, tensors: dict[str, Tensor]) -> StoredModel:
+    tensors = checkpoint.remap(src, table, tensors, checkpoint.expected_shapes(lambda: AudioEncoder(dims)))
     return StoredModel("whisper", asdict(dims), tensors, audio.settings(dims.n_mels))
 
 
@@ -265,43 +239,10 @@ def encoder_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in (DECODER_CONFIG, TOKENS_CONFIG)}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
-
-
-def _hf_tensors(src: Path, select: Callable[[str], bool]) -> dict[str, Tensor]:
-    """The selected tensors of a Hugging Face checkpoint (safetensors, sharded or not, or pytorch_model.bin)."""
-    from safetensors import safe_open
-
-    if (src / "model.safetensors.index.json").exists():
-        shards = sorted(set(_read_json(src / "model.safetensors.index.json")["weight_map"].values()))
-    elif (src / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    elif (src / "pytorch_model.bin").exists():
-        try:
-            state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ConversionError(f"cannot read {src / 'pytorch_model.bin'}: {e}") from None
-        return {k: v for k, v in state.items() if select(k)}
-    else:
-        raise ConversionError(f"{src}: no model.safetensors or pytorch_model.bin")
-    tensors = {}
-    for shard in shards:
-        try:
-            with safe_open(src / shard, framework="pt") as f:
-                tensors |= {k: f.get_tensor(k) for k in f.keys() if select(k)}  # noqa: SIM118 (safe_open is not iterable)
-        except Exception as e:
-            raise ConversionError(f"cannot read {src / shard}: {e}") from None
-    return tensors
-
-
 def convert_hf(src: Path) -> StoredModel:
     """A Hugging Face Whisper checkpoint directory -> its encoder as a weight store, with the decoder for a
     WhisperForConditionalGeneration."""
-    config = _read_json(src / "config.json")
+    config = checkpoint.read_json(src / "config.json")
     if config.get("activation_function", "gelu") != "gelu":
         raise ConversionError(f"{src}: activation {config['activation_function']!r} is not Whisper's gelu")
     try:
@@ -315,96 +256,27 @@ def convert_hf(src: Path) -> StoredModel:
         )
     except KeyError as e:
         raise ConversionError(f"{src}/config.json lacks {e}") from None
-    if (src / "preprocessor_config.json").exists():
-        pre = _read_json(src / "preprocessor_config.json")
+    if pre := checkpoint.read_json_if(src / "preprocessor_config.json"):
         pre["n_mels"] = pre.pop("feature_size", dims.n_mels)
         if differ := {k: pre[k] for k, v in audio.settings(dims.n_mels).items() if k in pre and pre[k] != v}:
             raise ConversionError(
                 f"{src}/preprocessor_config.json: {differ} differ from Whisper's {audio.settings(dims.n_mels)}"
             )
     # WhisperForConditionalGeneration nests the encoder under `model.`; WhisperModel does not.
-    found = _hf_tensors(src, lambda k: k.startswith(("model.encoder.", "encoder.")))
-    prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in found) else "encoder."
-    tensors = {k.removeprefix(prefix): v for k, v in found.items() if k.startswith(prefix)}
-    stored = _stored(dims, _remap(src, dims, _hf_table(dims.layers), tensors))
+    found = checkpoint.hf_tensors(src, lambda k: k.startswith(("model.encoder.", "encoder.")))
+    tensors = checkpoint.strip_prefix(found, ("model.encoder.", "encoder."))
+    stored = _stored(src, dims, hf_table(dims.layers), tensors)
     # A bare WhisperModel (an encoder for embeddings) converts as the encoder alone; the ASR model adds its decoder.
     if "WhisperForConditionalGeneration" in (config.get("architectures") or []):
-        found = _hf_tensors(src, lambda k: k.startswith("model.decoder.") or k == "proj_out.weight")
+        found = checkpoint.hf_tensors(src, lambda k: k.startswith("model.decoder.") or k == "proj_out.weight")
         return _with_decoder(stored, hf_decoder(src, config, found, dims.width))
     return stored
 
 
-# CTranslate2 model.bin: version, spec name, revision, then (name, shape, dtype, bytes) per
-# variable, then aliases (name -> name of an equal variable). Little-endian throughout.
-CT2_DTYPES = (torch.float32, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16)
-CT2_VERSION = 6
-
-
-def read_ct2(path: Path, select: Callable[[str], bool]) -> dict[str, Tensor]:
-    """The selected variables of a CTranslate2 model.bin, aliases resolved, as stored (no dequantisation)."""
-    try:
-        with open(path, "rb") as f:
-
-            def unpack(fmt: str) -> tuple:
-                size = struct.calcsize("<" + fmt)
-                data = f.read(size)
-                if len(data) != size:
-                    raise ConversionError(f"{path} is truncated")
-                return struct.unpack("<" + fmt, data)
-
-            def string() -> str:
-                (n,) = unpack("H")
-                return f.read(n)[:-1].decode()
-
-            (version,) = unpack("I")
-            if version != CT2_VERSION:
-                raise ConversionError(f"{path}: CTranslate2 binary version {version}, only {CT2_VERSION} is supported")
-            spec, (_revision, count) = string(), unpack("II")
-            if spec != "WhisperSpec":
-                raise ConversionError(f"{path} holds a {spec}, not a WhisperSpec")
-            entries = {}  # name -> (offset, shape, dtype id, bytes)
-            for _ in range(count):
-                name = string()
-                (rank,) = unpack("B")
-                shape = unpack(f"{rank}I")
-                dtype_id, nbytes = unpack("BI")
-                if nbytes != math.prod(shape) * CT2_DTYPES[dtype_id].itemsize:
-                    raise ConversionError(f"{path}: variable {name!r} has {nbytes} bytes for shape {shape}")
-                entries[name] = (f.tell(), shape, dtype_id, nbytes)
-                f.seek(nbytes, 1)
-            (n_aliases,) = unpack("I")
-            # A duplicate keeps the alphabetically first name, so an encoder alias may point into the decoder.
-            aliases = dict((string(), string()) for _ in range(n_aliases))
-            variables = {}
-            for name in [n for n in [*entries, *aliases] if select(n)]:
-                offset, shape, dtype_id, nbytes = entries[aliases.get(name, name)]
-                f.seek(offset)
-                data = bytearray(f.read(nbytes))
-                if len(data) != nbytes:
-                    raise ConversionError(f"{path} is truncated")
-                variables[name] = torch.frombuffer(data, dtype=CT2_DTYPES[dtype_id]).reshape(shape)
-    except (OSError, IndexError, UnicodeDecodeError, KeyError) as e:
-        raise ConversionError(f"cannot read {path}: {e!r}") from None
-    return variables
-
-
-def _dequantize(variables: dict[str, Tensor]) -> dict[str, Tensor]:
-    """int8/int16 weights with their `*_scale` (per output row, or one scalar) -> float32; the rest as float32."""
-    out = {}
-    for name, value in variables.items():
-        if name.endswith("_scale"):
-            continue
-        value = value.float()
-        if (scale := variables.get(name + "_scale")) is not None:
-            value = value / scale.float().reshape(-1, *[1] * (value.dim() - 1))
-        out[name] = value
-    return out
-
-
 def convert_ct2(src: Path) -> StoredModel:
     """A CTranslate2 Whisper directory (model.bin, config.json, vocabulary, tokenizer.json) -> a weight store."""
-    variables = read_ct2(src / "model.bin", lambda name: name.startswith("encoder/"))
-    tensors = _dequantize({k.removeprefix("encoder/"): v for k, v in variables.items()})
+    variables = checkpoint.ct2_variables(src / "model.bin", "WhisperSpec", lambda name: name.startswith("encoder/"))
+    tensors = {k.removeprefix("encoder/"): v for k, v in variables.items()}
     try:
         heads = int(tensors.pop("num_heads"))
         conv1, fc1 = tensors["conv1/weight"], tensors["layer_0/ffn/linear_0/weight"]
@@ -418,6 +290,6 @@ def convert_ct2(src: Path) -> StoredModel:
         )
     except KeyError as e:
         raise ConversionError(f"{src / 'model.bin'}: no encoder/{e.args[0]}") from None
-    stored = _stored(dims, _remap(src, dims, _ct2_table(dims.layers), tensors))
-    decoder = _dequantize(read_ct2(src / "model.bin", lambda name: name.startswith("decoder/")))
+    stored = _stored(src, dims, ct2_table(dims.layers), tensors)
+    decoder = checkpoint.ct2_variables(src / "model.bin", "WhisperSpec", lambda name: name.startswith("decoder/"))
     return _with_decoder(stored, ct2_decoder(src, decoder, dims.width))

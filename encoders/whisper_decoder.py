@@ -9,7 +9,6 @@ The decoding itself (greedy search, Whisper's rules, the cache) is `encoders.dec
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import Attention, Block, Embedding, LayerNorm, Linear, onednn
+from . import checkpoint, onednn
+from .block import Attention, Block, Embedding, LayerNorm, Linear
+from .checkpoint import Table
 from .decoding import Cache, SpecialTokens
 from .errors import ConversionError
-from .store import StoredModel
+from .weights import StoredModel
 
-Table = dict[str, tuple[str | None, ...]]  # ours -> the source tensors concatenated into it (None: zeros)
 DECODER = "decoder."  # prefix of the decoder's tensors in a store
 DECODER_CONFIG, TOKENS_CONFIG = "decoder", "tokens"  # their config keys
 
@@ -117,8 +117,8 @@ class TextDecoder(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """(..., width) -> (..., n_vocab) float32, through the token embedding (Whisper ties the two)."""
-        if x.dtype == torch.float32 and onednn(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.token_embedding.weight, None, "none", [], "")
+        if x.dtype == torch.float32:
+            return onednn.linear(x, self.token_embedding.weight, None)
         return F.linear(x, self.token_embedding.weight).float()
 
 
@@ -215,9 +215,9 @@ def ct2_decoder(src: Path, tensors: dict[str, Tensor], width: int) -> StoredMode
         raise ConversionError(f"{path}: decoder flags {differ} are not Whisper's {CT2_FLAGS}")
     ours = _remap_decoder(path, dims, width, _ct2_decoder_table(dims.layers), tensors, CT2_UNUSED)
 
-    config = _read_json(src / "config.json")
+    config = checkpoint.read_json(src / "config.json")
     if (src / "vocabulary.json").exists():
-        vocabulary = _read_json(src / "vocabulary.json")
+        vocabulary = checkpoint.read_json(src / "vocabulary.json")
     elif (src / "vocabulary.txt").exists():
         vocabulary = (src / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
     else:
@@ -244,7 +244,7 @@ def ct2_decoder(src: Path, tensors: dict[str, Tensor], width: int) -> StoredMode
 def hf_decoder(src: Path, config: dict, tensors: dict[str, Tensor], width: int) -> StoredModel:
     """A WhisperForConditionalGeneration's `model.decoder.*` (and `proj_out.weight`) tensors, config.json,
     generation_config.json and tokenizer.json -> the decoder part of a store."""
-    generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").exists() else {}
+    generation = checkpoint.read_json_if(src / "generation_config.json") or {}
     settings, tensors = config | generation, dict(tensors)
     if config.get("scale_embedding"):
         raise ConversionError(f"{src}/config.json: scale_embedding is not Whisper's")
@@ -280,40 +280,16 @@ def hf_decoder(src: Path, config: dict, tensors: dict[str, Tensor], width: int) 
 
 
 def _part(dims: DecoderDims, tensors: dict[str, Tensor], tokens: SpecialTokens, src: Path) -> StoredModel:
-    tokenizer = src / "tokenizer.json"  # stand-in for checkpoint.tokenizer_json
     config = {DECODER_CONFIG: asdict(dims), TOKENS_CONFIG: tokens.to_config()}
-    return StoredModel("whisper", config, tensors, tokenizer=tokenizer.read_text() if tokenizer.exists() else None)
+    tokenizer = checkpoint.tokenizer_json(src) if (src / "tokenizer.json").exists() else None  # none: cannot transcribe
+    return StoredModel("whisper", config, tensors, tokenizer=tokenizer)
 
 
 def _remap_decoder(
     src: Path, dims: DecoderDims, width: int, table: Table, tensors: dict[str, Tensor], ignored: Sequence[str] = ()
 ) -> dict[str, Tensor]:
-    """Every tensor of `TextDecoder(dims)`, as `decoder.<name>`, from `tensors` by `table` (all used or ignored);
-    None in the table stands for zeros. A stand-in for checkpoint.remap."""
+    """Every tensor of `TextDecoder(dims)`, as `decoder.<name>`, from `tensors` by `table`."""
     if dims.width != width:
         raise ConversionError(f"{src}: decoder width {dims.width} differs from the encoder's {width}")
-    with torch.device("meta"):
-        expected = {DECODER + k: v for k, v in TextDecoder(dims).state_dict().items()}
-    assert table.keys() == expected.keys(), "the converter table must name every decoder tensor"
-    used = {key for keys in table.values() for key in keys if key}
-    for problem, names in (("missing", used - tensors.keys()), ("unexpected", tensors.keys() - used - set(ignored))):
-        if names:
-            first, *more = sorted(names)
-            raise ConversionError(f"{src}: {problem} tensor {first!r}" + (f" (and {len(more)} more)" if more else ""))
-    out = {}
-    for name, keys in table.items():
-        shape = tuple(expected[name].shape)
-        rows = (shape[0] - sum(tensors[k].shape[0] for k in keys if k)) // max(1, keys.count(None))
-        t = torch.cat([tensors[k].float() if k else torch.zeros(max(rows, 0), *shape[1:]) for k in keys])
-        if t.shape != shape:
-            parts = " + ".join(f"{k} {tuple(tensors[k].shape)}" if k else "zeros" for k in keys)
-            raise ConversionError(f"{src}: {parts} make {tuple(t.shape)}, expected {shape}")
-        out[name] = t.contiguous()
-    return out
-
-
-def _read_json(path: Path) -> dict | list:  # stand-in for checkpoint.read_json
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
+    shapes = {DECODER + k: v for k, v in checkpoint.expected_shapes(lambda: TextDecoder(dims)).items()}
+    return checkpoint.remap(src, table, tensors, shapes, ignored)

@@ -12,20 +12,44 @@ from pathlib import Path
 
 import yaml
 
-MODALITIES = ("image", "audio", "text")
+from encoders.errors import MmembedError
+from encoders.options import AUDIO_MODES, DEVICES, DTYPES, FORMATS, MAX_AUDIO_SECONDS, MAX_TEXT_BYTES, MODALITIES
+
+MAX_THREADS = 1024  # torch threads in one encoder actor: more than any node has cores
 
 
-class ConfigError(ValueError):
+class ConfigError(MmembedError):
     """A job config is unreadable, has an unknown key or a value of the wrong type."""
 
 
 @dataclass(frozen=True)
 class BatchSizes:
+    """Rows per batch: `preprocess` per decoding task, one per modality per encoder call, `write` per written file."""
+
     preprocess: int = 64
     image: int = 16
     audio: int = 16
     text: int = 256
     write: int = 2000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"batch_size.{f.name}: must be at least 1, not {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest item a job embeds: longer audio and larger texts become error rows that name their size. Bounds
+    a decoding task's memory: a second of audio is 64 KB of samples and 32 KB of features between the stages."""
+
+    audio_seconds: float = MAX_AUDIO_SECONDS
+    text_bytes: int = MAX_TEXT_BYTES
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ConfigError(f"limits.{f.name}: must be positive, not {getattr(self, f.name)}")
 
 
 @dataclass(frozen=True)
@@ -49,23 +73,26 @@ class JobConfig:
     whisper_mode: str = "trimmed"
     passthrough: tuple[str, ...] = ()
     commit_every: int = 10000
+    format: str = "auto"
+    limits: Limits = Limits()
     ray: RayConfig = RayConfig()
 
     def __post_init__(self):
-        choices = {
-            "device": ("auto", "cpu", "cuda"),
-            "dtype": ("float32", "bfloat16", "float16"),
-            "whisper_mode": ("trimmed", "padded"),
-        }
+        choices = {"device": DEVICES, "dtype": DTYPES, "whisper_mode": AUDIO_MODES, "format": FORMATS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
-        for modality in self.models:
+        for modality, names in self.models.items():
             if modality not in MODALITIES:
                 raise ConfigError(f"models.{modality}: unknown modality (use {', '.join(MODALITIES)})")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # its second pipeline would find every row done, and count each row twice as read
+                raise ConfigError(f"models.{modality}: {twice[0]} is named twice")
         for key, least in (("actors", 1), ("commit_every", 1), ("threads_per_actor", 0)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key}: must be at least {least}")
+        if self.threads_per_actor > MAX_THREADS:  # torch takes any count, and a matmul on 100000 threads never ends
+            raise ConfigError(f"threads_per_actor: must be at most {MAX_THREADS}, not {self.threads_per_actor}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,6 +123,8 @@ def _check(value, tp, key: str):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
 
 

@@ -15,13 +15,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from encoders import shapes
-from storage.query import classify, connect, run_readonly, search
-
-from . import config, output
-from .commands import cached_encoder, embed_query
-from .run import run_job
+from . import api, config, output
 from .samples import SAMPLE_DIR as SAMPLES
+from .shapes import render as shapes
 
 TEXT_TO_IMAGE = ("a red circle", "a small blue square in the top left", "a green star", "a yellow triangle")
 SQL = """SELECT id, round(array_cosine_similarity(embedding, embed_text('shapes-clip', 'a purple heart')), 4) AS score
@@ -34,23 +30,13 @@ def _title(text: str) -> None:
 
 
 def _search(root: str, modality: str, model: str, query_modality: str, value: str, k: int = 5) -> list[dict]:
-    vector = embed_query(model, query_modality, value)
-    return search(root, vector, modality, model, k=k).to_pylist()
+    return api.search(root, query_modality, value, modality, model, k=k)[1].to_pylist()
 
 
 def _classify_shapes(root: str) -> dict:
     """Every sample shape labelled zero-shot; a label is right when it names the file's colour and shape."""
     labels = [f"a {colour} {shape}" for colour, shape in shapes.CLASSES]
-    encoder = cached_encoder("shapes-clip")
-    rows = classify(
-        root,
-        encoder.encode("text", labels),
-        labels,
-        "image",
-        "shapes-clip",
-        encoder.logit_scale,
-        where="id LIKE 'shapes/%'",
-    ).to_pylist()
+    rows = api.classify(root, labels, "image", "shapes-clip", where="id LIKE 'shapes/%'")[0].to_pylist()
     return {
         "rows": rows,
         "correct": sum(r["label"] == "a {} {}".format(*Path(r["id"]).stem.split("_")[:2]) for r in rows),
@@ -97,7 +83,7 @@ def run_demo(out: Path) -> dict:
         shutil.rmtree(store_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"embedding the sample set ({SAMPLES}) into {store_dir} ...", file=sys.stderr)
-    record = run_job(config.load(overrides={"input": str(SAMPLES), "root": str(store_dir)}))
+    record = api.run_job(config.load(overrides={"input": str(SAMPLES), "root": str(store_dir)}))
     root = str(store_dir)
     _title("the job")
     output.table(
@@ -127,8 +113,9 @@ def run_demo(out: Path) -> dict:
     _title('text -> text (minilm-l6): "a cat with orange fur"')
     output.table(_search(root, "text", "minilm-l6", "text", "a cat with orange fur"), ["score", "id"])
     _title("SQL: " + " ".join(SQL.split()))
-    output.table(run_readonly(connect(root, embedder=embed_query), SQL).to_pylist())
+    output.table(api.sql(root, SQL).to_pylist())
     path = contact_sheet(sheet, out / "contact_sheet.png")
     print(f"\ncontact sheet of the text -> image results: {path}", file=sys.stderr)
     print(f'try: mmembed query {root} --text "a blue star" --modality image --model shapes-clip -k 5', file=sys.stderr)
+    print(f"search page: mmembed serve {root}   then open http://127.0.0.1:8088/", file=sys.stderr)
     return {"record": record, "text_to_image": sheet, "classify": labelled, "voices": voices}

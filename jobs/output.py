@@ -1,4 +1,4 @@
-"""Printing results: aligned text tables for people, JSON for programs (stdout only)."""
+"""Printing results: aligned text tables for people, JSON for programs (stdout only); result files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from encoders.errors import MmembedError
+
+
+class OutputError(MmembedError):
+    """A result file could not be written."""
 
 
 def _cell(value: Any, width: int = 60) -> str:
@@ -37,3 +46,10 @@ def to_json(value: Any) -> str:
 
 def emit_json(value: Any) -> None:
     print(to_json(value), flush=True)
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    try:
+        pq.write_table(table, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e}") from None

@@ -14,15 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from encoders import store as weight_store
-from encoders.model import Options
+from encoders import weights
+from encoders.errors import MmembedError
+from encoders.options import Options
 from encoders.registry import resolve
 from pipelines import embed as pipeline
 from pipelines.errors import SourceError
-from pipelines.sources import Inventory, open_input, remove_dir
+from pipelines.sinks import FATES
+from pipelines.sources import SKIPPED_NAMED, Inventory, open_input, remove_dir
 from storage.lock import RootLock
-from storage.store import Store
+from storage.store import Store, StoreError, canonical_root
 
+from . import ray_log
 from .config import ConfigError, JobConfig
 from .progress import Progress
 
@@ -35,17 +38,28 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+class RowsLostError(MmembedError):
+    """A pipeline's rows did not all end as embedded, errored or already done: a bug in mmembed, never the input's."""
+
+
 def root_path(root: str) -> str:
-    """Local roots made absolute (Ray workers do not share the driver's working directory)."""
-    return root if "://" in root else str(Path(root).expanduser().resolve())
+    """Local roots made absolute (Ray workers do not share the driver's working directory), URIs without a trailing
+    slash: the one spelling of a ROOT that the store, the lock and the scheduler share."""
+    return canonical_root(root)
 
 
 def encoder_options(cfg: JobConfig) -> Options:
-    return Options(device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype, audio_mode=cfg.whisper_mode)
+    return Options(
+        device=None if cfg.device == "auto" else cfg.device,
+        dtype=cfg.dtype,
+        audio_mode=cfg.whisper_mode,
+        max_audio_seconds=cfg.limits.audio_seconds,
+        max_text_bytes=cfg.limits.text_bytes,
+    )
 
 
 def model_digest(model: str) -> str:
-    return weight_store.read_digest(resolve(model))
+    return weights.read_digest(resolve(model))
 
 
 def check_models(cfg: JobConfig, counts: Counter) -> dict[str, str]:
@@ -68,9 +82,9 @@ def check_cluster(cfg: JobConfig, root: str) -> None:
         )
 
 
-def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
+def new_record(cfg: JobConfig, kind: str, root: str, job_id: str | None = None) -> dict:
     return {
-        "job_id": new_job_id(),
+        "job_id": job_id or new_job_id(),
         "kind": kind,
         "status": "running",
         "started_at": now_iso(),
@@ -80,11 +94,13 @@ def new_record(cfg: JobConfig, kind: str, root: str) -> dict:
         "config": cfg.to_dict(),
         "counts": {},
         "skipped_files": 0,
+        "skipped": [],  # the first SKIPPED_NAMED skipped files or rows: input, id, reason
         "missing_inputs": [],
         "stages_s": {},
         "throughput": 0.0,
         "nodes": [],
         "error": None,
+        "ray_log": None,
     }
 
 
@@ -94,28 +110,52 @@ def run_job(
     kind: str = "embed",
     wait_lock: bool = False,
     log: TextIO | None = None,
+    verbose: bool = False,
 ) -> dict:
-    """Take ROOT's lock and run the job; `inputs` defaults to the config's input."""
+    """Take ROOT's lock and run the job; `inputs` defaults to the config's input. Progress goes to `log` (default:
+    stderr); Ray's own output to the log file the record names (`ray_log`), or with `verbose` to stderr."""
     if not cfg.root:
         raise ConfigError("a job needs a root")
-    lock = RootLock(root_path(cfg.root))
+    root = root_path(cfg.root)
+    check_root(root)
+    job_id = new_job_id()
+    lock = RootLock(root, job_id)
     lock.acquire(wait=wait_lock)
     try:
-        return embed_locked(cfg, inputs, kind, log)
+        return embed_locked(cfg, inputs, kind, log, verbose, job_id)
     finally:
         lock.release()
 
 
+def check_root(root: str) -> None:
+    """ROOT is a directory or can become one."""
+    store = Store(root)
+    if store.is_file():
+        raise StoreError(f"{root} is a file, not a store")
+    if "://" not in root:
+        parent = Path(root).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise StoreError(f"cannot make the store {root}: {parent} is a file")
+
+
 def embed_locked(
-    cfg: JobConfig, inputs: list[str] | None = None, kind: str = "embed", log: TextIO | None = None
+    cfg: JobConfig,
+    inputs: list[str] | None = None,
+    kind: str = "embed",
+    log: TextIO | None = None,
+    verbose: bool = False,
+    job_id: str | None = None,
 ) -> dict:
     """Run a job whose caller holds ROOT's lock; returns the job record (also in ROOT/_jobs/)."""
     inputs = inputs if inputs is not None else [cfg.input] if cfg.input else []
     if not inputs and kind == "embed":
         raise ConfigError("a job needs an input")
     root = root_path(cfg.root)
+    check_root(root)
     store = Store(root)
-    record = new_record(cfg, kind, root)
+    record = new_record(cfg, kind, root, job_id)
     job_id = record["job_id"]
     started = time.monotonic()
     stage_s, nodes = Counter(), set()
@@ -125,7 +165,8 @@ def embed_locked(
         inventories = []
         for i, source in enumerate(inputs):
             try:
-                inventories.append(open_input(source, f"{root}/_staging/{job_id}/{i}", cfg.passthrough))
+                staging = f"{root}/_staging/{job_id}/{i}"
+                inventories.append(open_input(source, staging, cfg.passthrough, root, cfg.format))
             except SourceError as e:
                 if kind == "embed":
                     raise
@@ -136,12 +177,16 @@ def embed_locked(
         digests = check_models(cfg, present)
         record["inputs"] = [inv.source for inv in inventories]
         record["skipped_files"] = sum(inv.skipped for inv in inventories)
+        record["skipped"] = [named for inv in inventories for named in inv.skipped_named][:SKIPPED_NAMED]
         record["stages_s"]["list"] = round(time.monotonic() - started, 3)
+        record["ray_log"] = None if verbose else str(ray_log.log_path(job_id))
         store.write_job(record)
-        pipeline.start(cfg.ray.address)
-        check_cluster(cfg, root)
-        for inventory in inventories:
-            _embed_inventory(cfg, inventory, digests, store, record, stage_s, nodes, log)
+        with ray_log.diverted(record["ray_log"]) as console:
+            pipeline.start(cfg.ray.address, log or console, verbose)
+            check_cluster(cfg, root)
+            pipeline.actor_resources(cfg.actors, cfg.device == "cuda" or (cfg.device == "auto" and pipeline.has_gpus()))
+            for inventory in inventories:
+                _embed_inventory(cfg, inventory, digests, store, record, stage_s, nodes, log or console)
         wall = time.monotonic() - started
         processed = sum(c["embedded"] + c["errored"] for c in record["counts"].values())
         record.update(status="succeeded", nodes=sorted(nodes), throughput=round(processed / wall, 2) if wall else 0.0)
@@ -176,16 +221,18 @@ def _embed_inventory(
             )
             counts["read"] += total
             progress = Progress(f"{modality}/{model}", total, log)
-            pending, pending_rows, done_before = [], 0, counts["embedded"] + counts["errored"]
-            target = pipeline.Target(
-                modality, model, digests[model], getattr(cfg.batch_size, modality), store.done_index(modality, model)
-            )
+            pending, pending_rows = [], 0
+            before = {fate: counts[fate] for fate in FATES.values()}
+            done = store.done_index(modality, model)
+            batch = getattr(cfg.batch_size, modality)
+            target = pipeline.Target(modality, model, digests[model], batch, done, inventory.duplicates)
             for entry in pipeline.stream(
                 inventory, target, encoder_options(cfg), sizes, store.root, record["job_id"], cfg.passthrough
             ):
-                counts["embedded" if entry["kind"] == "embeddings" else "errored"] += entry["rows"]
-                pending.append(entry["path"])
-                pending_rows += entry["rows"]
+                counts[FATES[entry["kind"]]] += entry["rows"]
+                if entry["kind"] != "done":
+                    pending.append(entry["path"])
+                    pending_rows += entry["rows"]
                 stage_s.update({k: entry[k] for k in ("preprocess_s", "encode_s", "write_s")})
                 nodes.update(n for n in entry["nodes"].split(",") if n)
                 progress.update(entry["rows"])
@@ -194,12 +241,22 @@ def _embed_inventory(
                     pending, pending_rows = [], 0
             if pending:
                 store.commit(record["job_id"], pending)
-            counts["already_done"] += total - (counts["embedded"] + counts["errored"] - done_before)
             store.write_job(record)
+            check_fates(inventory, modality, model, total, {fate: counts[fate] - n for fate, n in before.items()})
+
+
+def check_fates(inventory: Inventory, modality: str, model: str, read: int, fates: dict[str, int]) -> None:
+    """Every row a pipeline read ended as exactly one of embedded, errored or already done."""
+    if sum(fates.values()) != read:
+        ended = ", ".join(f"{n} {fate.replace('_', ' ')}" for fate, n in fates.items())
+        raise RowsLostError(
+            f"{modality}/{model} over {inventory.source}: {read} rows read but {sum(fates.values())} ended "
+            f"({ended}); this is a bug in mmembed, please report it: the job failed, and what it committed stays"
+        )
 
 
 def summary(record: dict) -> dict:
-    totals = Counter()
+    totals = Counter(dict.fromkeys(("read", "embedded", "errored", "already_done"), 0))
     for c in record["counts"].values():
-        totals.update({k: c.get(k, 0) for k in ("read", "embedded", "errored", "already_done")})
+        totals.update({k: c.get(k, 0) for k in totals})
     return {"job_id": record["job_id"], "status": record["status"], **totals, "skipped_files": record["skipped_files"]}

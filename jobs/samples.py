@@ -2,7 +2,7 @@
 
     python -m jobs.samples [--out DIR]
 
-- shapes/<colour>_<shape>_<n>.png: 64x64 renders of every colour x shape class (encoders.shapes,
+- shapes/<colour>_<shape>_<n>.png: 64x64 renders of every colour x shape class (jobs.shapes.render,
   with a seed neither training nor evaluation uses), for text->image retrieval with shapes-clip;
 - photos/<name>.jpg: scikit-image's sample photos, downsized;
 - speech/<sentence>_<voice>.flac: sentences spoken by several espeak-ng voices, 16 kHz mono;
@@ -13,23 +13,22 @@
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soundfile as sf
 from PIL import Image
 
-from encoders import shapes
+from encoders import audio
+
+from .shapes import render as shapes
 
 SAMPLE_DIR = Path(__file__).parent / "sample_media"
 
-SHAPES_SEED = 7_000  # not a seed encoders.train_shapes trains or evaluates on
+SHAPES_SEED = 7_000  # not a seed jobs.shapes.train trains or evaluates on
 SHAPES_PER_CLASS = 5
 
 PHOTOS = (
@@ -105,11 +104,12 @@ def write_photos(out: Path) -> int:
 def speak(text: str, voice: str) -> np.ndarray:
     """-> float32 mono samples at SAMPLE_RATE."""
     wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
-    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE)
+    return audio.decode(wav, SAMPLE_RATE)
 
 
 def write_speech(out: Path) -> int:
+    import soundfile as sf  # encoding, here only: the rest of this module runs where no audio library is installed
+
     for sentence, voice in SPOKEN:
         sf.write(
             out / f"{sentence}_{voice}.flac", speak(SENTENCES[sentence], VOICES[voice]), SAMPLE_RATE, subtype="PCM_16"

@@ -30,7 +30,9 @@ from typing import Protocol
 
 from croniter import CroniterError, croniter
 
+from encoders.errors import MmembedError
 from storage.lock import LockError, LockHeldError, RootLock, local_path
+from storage.store import canonical_root
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ MAX_SLEEP = 60.0  # seconds; run_forever wakes at least this often to retry skip
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(MmembedError):
     """A job's schedule (cron expression, name or ROOT) is invalid."""
 
 
@@ -69,7 +71,9 @@ def check_schedule(config: Scheduled) -> str:
     if not isinstance(expression, str):
         raise ScheduleError(f'job {config.name!r} has no schedule: give it `schedule: "<cron expression>"`')
     try:
-        croniter(expression)
+        # an expression can parse and still name no time at all (`0 0 31 2 *`): find one on each side of now
+        croniter(expression, utc_now()).get_prev(datetime)
+        croniter(expression, utc_now()).get_next(datetime)
     except CroniterError as e:
         raise ScheduleError(f"job {config.name!r}: bad cron expression {expression!r}: {e}") from None
     return expression
@@ -92,7 +96,7 @@ def next_time(config: Scheduled, now: datetime) -> datetime:
 
 def state_path(config: Scheduled) -> Path:
     """ROOT/_schedule/<name>.json; ScheduleError for a name unfit for a file or a non-local ROOT."""
-    root = local_path(config.root) if config.root else None
+    root = local_path(canonical_root(config.root)) if config.root else None
     if root is None:
         raise ScheduleError(f"job {config.name!r}: schedules need a local ROOT, not {config.root}")
     if not _NAME.fullmatch(config.name or ""):
@@ -102,11 +106,17 @@ def state_path(config: Scheduled) -> Path:
 
 def load_state(config: Scheduled) -> RunState | None:
     """The job's recorded last run, or None if it has never run."""
+    path = state_path(config)
     try:
-        record = json.loads(state_path(config).read_text())
+        record = json.loads(path.read_text())
+        return RunState(datetime.fromisoformat(record["last_run"]), record["status"])
     except FileNotFoundError:
         return None
-    return RunState(datetime.fromisoformat(record["last_run"]), record["status"])
+    except NotADirectoryError:
+        raise ScheduleError(f"job {config.name!r}: ROOT {config.root} is a file, not a store") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise ScheduleError(f"job {config.name!r}: its state {path} is unreadable ({reason}); delete it") from None
 
 
 def save_state(config: Scheduled, state: RunState) -> None:
@@ -165,7 +175,15 @@ class Scheduler:
         now = self.clock()
         results = []
         for config, lock in zip(self.configs, self.locks):
-            scheduled = due(config, load_state(config), now)
+            try:
+                scheduled = due(config, load_state(config), now)
+            except ScheduleError as e:  # this job's own state is broken: the others still run
+                log.warning("job %s: failed %s", config.name, e)
+                results.append(
+                    {"job": config.name, "root": config.root, "scheduled": None, "status": "failed", "result": None}
+                    | {"error": str(e)}
+                )
+                continue
             result = None if scheduled is None else self._run(config, lock, scheduled, now)
             if result is not None:
                 level = logging.INFO if result["status"] == "ok" else logging.WARNING

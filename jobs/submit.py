@@ -35,11 +35,14 @@ def _submit(client, working_dir: str, config_name: str) -> str:
 def submit_job(config_path: str, cluster: str, wait: bool = False, poll: float = 1.0) -> int:
     from ray.job_submission import JobSubmissionClient
 
+    from pipelines.ray_private import use_token_if_available
+
     cfg = load(config_path)
     if not cfg.input or not cfg.root:
         raise ConfigError(
             f"{config_path}: a submitted job needs `input` and `root` (paths the cluster can read and write)"
         )
+    use_token_if_available()  # a token cluster's job server wants it too (see pipelines.embed.join_address)
     try:
         client = JobSubmissionClient(cluster)
     except (ConnectionError, RuntimeError, ValueError) as e:

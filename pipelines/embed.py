@@ -5,19 +5,26 @@ row per file) come back to the driver, which commits them."""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TextIO
 
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-from encoders.model import Options
+from encoders.errors import MmembedError
+from encoders.options import Options
 
-from .errors import ResourceError
+from . import ray_private
+from .errors import ClusterError, ResourceError, WorkerDiedError
 from .sinks import write_shard
-from .sources import Inventory, load_rows, of_modality, skip_done
+from .sources import NO_IDS, Inventory, load_rows, of_modality, skip_done
 from .stages import EmbedBatch, embed_in_task, preprocess
 
 TASK_CPUS = 0.5  # what each preprocessing task reserves: several run beside the encoder actors
@@ -33,6 +40,14 @@ INFLIGHT_BYTES_PER_NODE = (
 # spares as soon as a pipeline ended, and the next one started new processes (seconds of CPU each). Not forever:
 # an idle worker polls ~1% of a core, which a long job's encoder would lose.
 IDLE_WORKER_S = 30
+PROBE_S = 5.0  # how long a cluster's address gets to accept a connection: Ray itself waits minutes on a dead one
+# How often Ray starts an encoder's process anew after it died (killed for memory, a crash) and retries its batch,
+# before the job fails. Ray Data's default is for ever: an encoder killed at every load hung its job.
+RESTARTS = 2
+TOKEN_HELP = (
+    "give this machine the cluster's token (`ray get-auth-token` on the head node) in ~/.ray/auth_token, "
+    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+)
 
 
 @dataclass(frozen=True)
@@ -54,41 +69,100 @@ class Target:
     digest: str
     encode_batch: int
     done: np.ndarray  # sorted S32 row keys (`storage.store.row_key`): rows to skip
+    duplicates: np.ndarray = field(default_factory=lambda: NO_IDS)  # ids several input rows share (sources.id_digest)
 
 
-def start(address: str | None = None) -> bool:
+def start(address: str | None = None, log: TextIO | None = None, verbose: bool = False) -> bool:
     """Connect to Ray (an existing cluster at `address`, else a local instance) once per process; -> whether this
-    call connected (False: already connected)."""
+    call connected (False: already connected). `log` gets mmembed's note when a recorded cluster is gone.
+
+    The lines Ray's workers print reach this process only when `verbose`; else they stay in Ray's session logs
+    (/tmp/ray/session_latest/logs on each node): forwarded, they could arrive after a failed job's one line."""
     connected = not ray.is_initialized()
     if connected:
+        join = join_address(address, log or sys.stderr)
         init = {
-            "address": address,
+            "address": join,
             "include_dashboard": False,
             "logging_level": logging.WARNING,
             "configure_logging": True,
+            "log_to_driver": verbose,
         }
         try:
-            ray.init(**init, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
-        except (
-            ValueError
-        ) as e:  # joining a running cluster (--address, RAY_ADDRESS, `ray start` here): it keeps its settings
-            if "_system_config" not in str(e):
+            ray_private.init(IDLE_WORKER_S, **init)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            joined = join if join not in (None, "auto", "local") else (ray_private.recorded_cluster() or ("", ""))[1]
+            if not joined or join == "local":  # starting Ray here failed: not a cluster's refusal
                 raise
-            ray.init(**init)
+            raise refused(joined, e) from None
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    # A task's exception reaches the driver as itself (with `.cause`), not as Ray Data's UserCodeException, so an
+    # encoder's MmembedError (a model that does not load) ends the job as that one line.
+    ctx.raise_original_map_exception = True
     # Bounded memory, whatever the input's size: what waits between stages is capped, not a share of RAM.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=INFLIGHT_BYTES_PER_NODE * len(nodes())
     )
     ctx.print_on_execution_start = False
-    # Ray Data's Parquet reader V2 lists files in a task that takes a whole CPU and reads footers in up to 32
-    # new actor processes per pipeline: seconds of CPU before a batch moves (a 10-item job: 6 of its 22 workers).
-    # V1 reads the footers of our few, large files in the driver.
-    ctx.use_datasource_v2 = False
+    ray_private.use_parquet_reader_v1(ctx)
     # a bounded light step (see `dataset`) over fewer inputs than its bound is expected, not a mistake
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return connected
+
+
+def unreachable(address: str) -> str | None:
+    """Why nothing accepts a connection at `address` (HOST:PORT, ray://HOST:PORT) within PROBE_S; None when
+    something does, or the address is not HOST:PORT (Ray judges it)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S):
+            return None
+    except OSError as e:
+        return str(e.strerror or e)
+
+
+def join_address(address: str | None, log: TextIO) -> str | None:
+    """What `ray.init` gets: the cluster to join, None or "auto" (Ray finds one), or "local" (start Ray here).
+
+    An address the user gave (`address`, else RAY_ADDRESS) must accept a connection: if not, the job fails at
+    once with one line. Without one, Ray joins the cluster `ray start` recorded on this machine; when that cluster
+    is gone (its record left behind), the note goes to `log` and Ray starts here instead of waiting on it."""
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    if given not in (None, "auto", "local"):
+        if reason := unreachable(given):
+            source = "--address / ray.address" if address else "RAY_ADDRESS"
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {given} ({reason}): check {source}, start the cluster "
+                "(`ray start --head` on its head node), or leave the address out to run Ray on this machine"
+            )
+        ray_private.use_token_if_available()
+        return given
+    recorded = ray_private.recorded_cluster()
+    if given == "local" or recorded is None or not (reason := unreachable(recorded[1])):
+        return given
+    path, stale = recorded
+    if given == "auto":
+        raise ClusterError(
+            f"address auto means the Ray cluster recorded in {path}, {stale}, which is not running ({reason}): "
+            "start it (`ray start --head`), or leave the address out to run Ray on this machine"
+        )
+    print(
+        f"mmembed: no Ray cluster runs at {stale}, which {path} records (left by a `ray start` that was not "
+        "stopped with `ray stop`): running Ray on this machine; delete that file to silence this",
+        file=log,
+        flush=True,
+    )
+    return "local"
+
+
+def refused(address: str, e: Exception) -> ClusterError:
+    """A failed `ray.init` as one line: a cluster that wants a token this client lacks, or any other refusal."""
+    if isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in f"{e} {e.__cause__}":
+        return ClusterError(f"the Ray cluster at {address} refused this client's token (or its lack): {TOKEN_HELP}")
+    return ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}")
 
 
 def stop() -> None:
@@ -132,16 +206,6 @@ def light_tasks() -> int:
     return len(nodes())
 
 
-def bounded(ds: ray.data.Dataset, tasks: int) -> ray.data.Dataset:
-    """`ds`, whose last step is a repartition, with that step's tasks reserving no CPU, `tasks` at most at once.
-
-    `Dataset.repartition` takes neither (Ray 2.60): each of its tasks would reserve a whole CPU."""
-    step = ds._logical_plan.dag
-    step.ray_remote_args["num_cpus"] = 0
-    object.__setattr__(step, "compute", TaskPoolStrategy(size=tasks))  # a frozen dataclass
-    return ds
-
-
 def actor_threads(sizes: StageSizes, gpu: bool) -> int:
     """torch threads per encoder actor: as configured, else (on CPU) the largest node's CPUs shared by the pool.
 
@@ -175,8 +239,29 @@ def stream(
     passthrough: tuple[str, ...] = (),
 ) -> Iterator[dict]:
     """Run the target's pipeline over the input rows it has not done yet; yields one dict per written
-    file: kind, path, rows, nodes, stage seconds."""
-    yield from dataset(inventory, target, options, sizes, root, job_id, passthrough).iter_rows()
+    file: kind, path, rows, nodes, stage seconds.
+
+    An encoder's MmembedError (its model does not load there) ends it as itself; an encoder whose process keeps
+    dying (RESTARTS times restarted) as a WorkerDiedError."""
+    try:
+        yield from dataset(inventory, target, options, sizes, root, job_id, passthrough).iter_rows()
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MmembedError):
+            e.cause.args = (str(e.cause).splitlines()[0],)  # less the retry advice Ray Data appends to it
+            raise e.cause from None
+        raise
+    except (ray.exceptions.ActorDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+        raise WorkerDiedError(died(target, e)) from None
+
+
+def died(target: Target, e: Exception) -> str:
+    """One line for an encoder process that died once more than it is restarted; Ray's reason in brief."""
+    detail = re.search(r"Worker exit detail: ([^.]*)", str(e)) or re.search(r"([^\n.]*)", str(e))
+    return (
+        f"the {target.modality}/{target.model} encoder's process died, and again after each of its {RESTARTS} "
+        f"restarts (Ray: {detail.group(1).strip()}; killed for memory?): the job stopped, the rows it committed "
+        "stay, and running it again embeds the rest"
+    )
 
 
 def dataset(
@@ -208,10 +293,10 @@ def dataset(
     # and blocks of uneven size gave the encoder a small batch after every full one (64, 8, 64, 8, ...). At least
     # one encoder batch: text's 256 in blocks of 64 made 4x the tasks for the driver to schedule, beside the encoder.
     block = max(sizes.read, target.encode_batch)
-    ds = bounded(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
+    ds = ray_private.last_step_light(ds.repartition(target_num_rows_per_block=block, strict=True), tasks)
     cpu_task = {"batch_size": block, "batch_format": "numpy", "num_cpus": TASK_CPUS}
     ds = ds.map_batches(load_rows, fn_kwargs={"source": inventory.source}, **cpu_task)
-    ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done}, **cpu_task)
+    ds = ds.map_batches(skip_done, fn_kwargs={"done": target.done, "duplicates": target.duplicates}, **cpu_task)
     ds = ds.map_batches(
         preprocess,
         fn_kwargs={"model": model, "modality": modality, "options": options, "yield_cpu": not gpu},
@@ -221,15 +306,19 @@ def dataset(
     pool = actor_resources(sizes.actors, gpu)  # checked whatever the input's size
     encode = {"batch_size": target.encode_batch, "batch_format": "numpy"}
     if one_call(inventory, target, gpu):
-        ds = ds.map_batches(
+        ds = ray_private.map_batches_restarting(
+            ds,
             embed_in_task,
+            RESTARTS,
             fn_kwargs=encoder | {"threads": actor_threads(replace(sizes, actors=1), gpu)},
             **actor_resources(1, gpu),
             **encode,
         )
     else:
-        ds = ds.map_batches(
+        ds = ray_private.map_batches_restarting(
+            ds,
             EmbedBatch,
+            RESTARTS,
             fn_constructor_kwargs=encoder | {"threads": actor_threads(sizes, gpu)},
             compute=ActorPoolStrategy(size=sizes.actors),
             **pool,

@@ -11,7 +11,12 @@ import pyarrow as pa
 from storage.schema import ERROR_SCHEMA, embedding_schema
 from storage.store import Store
 
+from .sources import tallies
+
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
+# What the writer reports per batch, and the job record's count of each: a file of embeddings, a file of error rows,
+# and the rows the store held already (no file: the tally rows of sources.skip_done).
+FATES = {"embeddings": "embedded", "errors": "errored", "done": "already_done"}
 
 
 def write_shard(
@@ -23,11 +28,13 @@ def write_shard(
     job_id: str,
     passthrough: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
-    """Embedded rows -> one embeddings file, failed rows -> one errors file; returns one row per file."""
+    """Embedded rows -> one embeddings file, failed rows -> one errors file; returns one row per file, and one more
+    (kind "done", no path) for the rows the batch's tally rows stand for."""
     start = time.perf_counter()
     store = Store(root)
-    failed = batch["error_type"] != ""
-    ok = ~failed
+    tally = tallies(batch)
+    failed = (batch["error_type"] != "") & ~tally
+    ok = ~failed & ~tally
     now = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     files = []
     if ok.any():
@@ -71,6 +78,8 @@ def write_shard(
             schema=ERROR_SCHEMA,
         )
         files.append(("errors", store.write_errors(modality, errors), k))
+    if tally.any():
+        files.append(("done", "", int(batch["done_rows"][tally].sum())))
     nodes = ",".join(sorted(set(batch["preprocess_node"]) | set(batch["encode_node"])))
     write_s = time.perf_counter() - start
     return {

@@ -17,10 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from encoders.model import Inputs, Options
+from encoders.errors import MmembedError
+from encoders.model import Inputs
+from encoders.options import Options
 from encoders.registry import load_encoder, load_inputs
 
+from .errors import EncoderLoadError
 from .sinks import ERROR_COLUMNS
+from .sources import tallies
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,19 +78,26 @@ def preprocess(
     n = len(batch["id"])
     features, shapes = [b""] * n, [[] for _ in range(n)]
     errors = {c: np.full(n, "", dtype=object) for c in ERROR_COLUMNS}
-    for i, (data, read_error) in enumerate(zip(batch["data"], batch["read_error"])):
+    read_types = batch.get("read_error_type", np.where(batch["read_error"] != "", "OSError", "").astype(object))
+    for i, (data, read_error, tally) in enumerate(zip(batch["data"], batch["read_error"], tallies(batch))):
+        if tally:  # stands for rows the store holds already (sources.skip_done): nothing to do
+            continue
+        if read_error:
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                "read",
+                read_types[i],
+                read_error,
+            )
+            continue
         try:
-            if read_error:
-                raise OSError(read_error)
             features[i], shapes[i] = _pack(inputs(modality, data))
         except Exception as e:  # any decoder failure is the row's, not the job's
-            stage = "read" if read_error else "preprocess"
             errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
-                stage,
+                "preprocess",
                 type(e).__name__,
                 str(e),
             )
-    out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
+    out = {k: v for k, v in batch.items() if k not in ("data", "read_error", "read_error_type")}
     out["features"] = np.array(features + [b""], dtype=object)[:n]
     out["shape"] = np.array(shapes + [None], dtype=object)[:n]
     out.update(errors)
@@ -96,7 +107,10 @@ def preprocess(
 
 
 class EmbedBatch:
-    """Encoder actor: loads the model once, embeds each batch's good rows in one forward."""
+    """Encoder actor: loads the model once, embeds each batch's good rows in one forward.
+
+    A model that fails to load here (a store the driver's checks passed, memory that runs out) is raised by the
+    first batch, as `load_failure` says: from `__init__` it would reach the driver as Ray's text about a dead actor."""
 
     def __init__(self, model: str, modality: str, options: Options, threads: int = 0):
         import torch
@@ -104,8 +118,12 @@ class EmbedBatch:
         if threads:
             torch.set_num_threads(threads)
         self.modality = modality
-        self.encoder = load_encoder(model, options)
         self.node = node_id()
+        self.failure: Exception | None = None
+        try:
+            self.encoder = load_encoder(model, options)
+        except Exception as e:
+            self.failure = load_failure(model, e)
 
     def _embed_each(self, items, errors, index) -> np.ndarray:
         """Isolate the rows that make a batch fail: embed one by one, record each failure."""
@@ -122,10 +140,12 @@ class EmbedBatch:
         return vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failure is not None:
+            raise self.failure
         start = time.perf_counter()
         n = len(batch["id"])
         errors = {c: batch[c].copy() for c in ERROR_COLUMNS}
-        index = np.flatnonzero(errors["error_type"] == "")
+        index = np.flatnonzero((errors["error_type"] == "") & ~tallies(batch))
         items = [_unpack(batch["features"][i], batch["shape"][i]) for i in index]
         embeddings = np.zeros((n, self.encoder.dim), dtype=np.float32)
         if len(index):
@@ -133,12 +153,34 @@ class EmbedBatch:
                 embeddings[index] = self.encoder.embed(self.modality, items)
             except Exception:
                 embeddings[index] = self._embed_each(items, errors, index)
+        broken = ~np.isfinite(embeddings).all(axis=1) & (errors["error_type"] == "")
+        for i in np.flatnonzero(broken):  # a vector of NaN or inf is no embedding (a 16-bit overflow, say)
+            errors["error_stage"][i], errors["error_type"][i], errors["error_message"][i] = (
+                "encode",
+                "NonFiniteEmbedding",
+                f"the encoder gave a vector with {int((~np.isfinite(embeddings[i])).sum())} NaN or infinite values",
+            )
+            embeddings[i] = 0
         out = {k: v for k, v in batch.items() if k not in ("features", "shape", *ERROR_COLUMNS)}
         out.update(errors)
         out["embedding"] = embeddings
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         out["encode_node"] = np.full(n, self.node, dtype=object)
         return out
+
+
+def load_failure(model: str, e: Exception) -> Exception:
+    """What an encoder whose model did not load raises: one line naming the model and the cause (EncoderLoadError)
+    when the user can act on it (the store does not load, memory ran out); any other exception as itself."""
+    import torch
+
+    out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+    if not (out_of_memory or isinstance(e, MmembedError)):
+        return e
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if not isinstance(e, MmembedError):
+        cause = f"{type(e).__name__}: {cause}" if cause else f"{type(e).__name__} (out of memory)"
+    return EncoderLoadError(f"model {model!r} cannot load in its encoder: {cause}")
 
 
 def embed_in_task(

@@ -25,11 +25,17 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from .query import lock_down
 from .store import TMP_SUFFIX, Store, StoreError, duckdb_connection
 
 INDEX_DIR = "_index"
 OPTIONS = {"M": 16, "ef_construction": 128}  # vss's build defaults; M0 follows M
 EF_SEARCH = 64  # vss's default candidates per query
+INT32 = 2**31 - 1  # the largest value vss takes for its options
+
+
+def _valid(name: str, value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (2 if name == "M" else 1) <= value <= INT32
 
 
 def local_root(store: Store) -> Path:
@@ -60,7 +66,8 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     con.load_extension(str(found[0]))
     literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
     con.execute(f"ATTACH {literal} AS hnsw{' (READ_ONLY)' if read_only else ''}")
-    return con
+    # what searches it reads nothing else; its settings stay open, for hnsw_ef_search
+    return lock_down(con, configuration=False) if read_only else con
 
 
 def write(
@@ -76,8 +83,8 @@ def write(
     options = {**OPTIONS, **(options or {})}
     if unknown := set(options) - set(OPTIONS):
         raise StoreError(f"unknown HNSW options {sorted(unknown)}; known: {', '.join(OPTIONS)}")
-    if bad := {name: value for name, value in options.items() if not isinstance(value, int) or value < 1}:
-        raise StoreError(f"HNSW options must be positive integers, not {bad}")
+    if bad := {name: value for name, value in options.items() if not _valid(name, value)}:
+        raise StoreError(f"HNSW options must be integers from 2 (M) or 1 (ef_construction) to {INT32}, not {bad}")
     path = index_path(store, modality, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(f"{path.name}.*{TMP_SUFFIX}*"):  # a killed build's file and WAL

@@ -38,6 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from encoders.errors import MmembedError
+
+from .store import canonical_root
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
@@ -45,7 +49,7 @@ _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _STARTTIME = 19  # /proc/<pid>/stat field 22, counted from field 3 (the one after the command name)
 
 
-class LockError(Exception):
+class LockError(MmembedError):
     """The ROOT lock cannot be used (an unreadable lock file, a second acquire)."""
 
 
@@ -71,6 +75,7 @@ class RootLock:
     """
 
     def __init__(self, root: str, job_id: str = "") -> None:
+        root = canonical_root(root)
         directory = local_path(root)
         self.host_only = directory is None
         if directory is None:
@@ -91,7 +96,12 @@ class RootLock:
                 self.root,
                 self.path,
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise LockError(f"{self.root} is a file, not a store (or lies under one)") from None
+        except OSError as e:
+            raise LockError(f"cannot lock {self.root}: {e.strerror}") from None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             holder = self._attempt()
@@ -184,11 +194,24 @@ def _same_file(path: Path, fd: int) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
+RECORD = {"pid": int, "host": str, "job_id": str, "started": str, "proc_start": (str, type(None))}
+
+
 def _read_record(path: Path, fd: int) -> dict:
     try:
-        return json.loads(os.pread(fd, 1 << 16, 0))
+        record = json.loads(os.pread(fd, 1 << 16, 0))
     except ValueError as e:
         raise LockError(f"lock file {path} is unreadable ({e}); delete it if no job is running") from None
+    if not isinstance(record, dict):
+        raise LockError(f"lock file {path} is unreadable (not a JSON object); delete it if no job is running")
+    for key, kind in RECORD.items():
+        if key not in record:
+            raise LockError(f"lock file {path} is unreadable (it has no {key!r}); delete it if no job is running")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise LockError(
+                f"lock file {path} is unreadable ({key!r} is {record[key]!r}); delete it if no job is running"
+            )
+    return record
 
 
 def _stale(holder: dict) -> bool:

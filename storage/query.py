@@ -1,4 +1,4 @@
-"""DuckDB over a store: views of its committed rows, query-embedding SQL functions, fast top-k.
+"""DuckDB over a store: views of its committed rows, query-embedding SQL functions, read-only statements.
 
 `connect(root)` gives an in-memory DuckDB with these views, built from committed files only:
 
@@ -7,9 +7,7 @@
     errors                error rows, with `modality`
     jobs                  one row per job record (nested fields as JSON text)
 
-`search` (top-k) and `classify` (zero-shot labels) work on a cached, normalised matrix of one
-partition instead of SQL, for speed; `search` uses a fresh HNSW index instead when
-`build_index` made one (storage/index.py).
+Top-k search and zero-shot classification work on a cached matrix instead of SQL, for speed: storage/search.py.
 
 `embeddings` and `errors` keep the newest row per (modality, source, id, model), so an input
 re-embedded later supersedes its old row; an error is dropped once a newer embedding of the
@@ -25,10 +23,7 @@ own dim: `embedding[1:dim]` is its vector as stored.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -37,20 +32,22 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-from . import index
-from .schema import ERROR_SCHEMA, embedding_dim, embedding_schema
-from .store import MODALITIES, Store, check_modality, check_name, duckdb_connection
+from encoders.errors import MmembedError
 
-VIEWS = {"images": "image", "audio": "audio", "texts": "text"}
+from .schema import embedding_dim
+from .store import Store, check_modality, check_name, duckdb_connection
+from .views import ERRORS_SCHEMA, derived_views, embedding_columns, embeddings_schema
+from .views import newest as newest  # where storage.search and others have taken it from
+
 EMBED_FUNCTIONS = {"embed_text": "text", "embed_image": "image", "embed_audio": "audio"}
 READ_ONLY = "SELECT, WITH, EXPLAIN, DESCRIBE or SHOW"
 
 Embedder = Callable[[str, str, str], np.ndarray]
 
 
-class QueryError(ValueError):
+class QueryError(MmembedError):
     """A query could not be built or run: a missing root, modality or model, or a bad statement."""
 
 
@@ -63,14 +60,71 @@ def connect(root: str, embedder: Embedder | None = None) -> duckdb.DuckDBPyConne
 
     `embedder(model, modality, text_or_path)` returns a 1-D float32 vector.
     """
-    store = _open(root)
+    store = open_store(root)
     con = duckdb_connection()
     model_dims = _embedding_views(con, store)
     _errors_view(con, store)
     _jobs_view(con, store)
     if embedder is not None:
         _embed_functions(con, store, embedder, model_dims)
+    return lock_down(con)
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, configuration: bool = True) -> duckdb.DuckDBPyConnection:
+    """Once a connection's views and tables are set up, it reads nothing but them: no file, URL or database
+    (`read_csv`, `glob`, `ATTACH`...), no extension installed or loaded on demand, and (`configuration`) no setting
+    changed back. The Arrow datasets registered before still read the store through pyarrow, and the embed_* SQL
+    functions still read the files they are given: the one way a statement names a file."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
+    if configuration:
+        con.execute("SET lock_configuration = true")
     return con
+
+
+def one_line(e: duckdb.Error) -> str:
+    """DuckDB's message without the lines after it (the statement quoted back, a caret, hints): one line."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith("LINE ") or line.startswith("Please try"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
+def check_predicate(where: str) -> str:
+    """`where` if it is one SQL expression, which `WHERE (...)` keeps whole; QueryError naming it otherwise.
+
+    Parentheses must balance inside it, so that it cannot close the one put around it (`1=1) OR (1=1`), and it may
+    not end a statement (`;`)."""
+    if not where.strip():
+        raise QueryError(f"bad predicate {where!r}: it is empty")
+    try:
+        tokens = duckdb.tokenize(where)
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    depth = 0
+    for offset, kind in tokens:  # '(', ')' and ';' are tokens of their own; in a string or comment they are none
+        char = where[offset] if kind == duckdb.token_type.operator else ""
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            raise QueryError(f"bad predicate {where!r}: a ')' closes nothing; give one expression")
+        if char == ";":
+            raise QueryError(f"bad predicate {where!r}: ';' ends a statement; give one expression")
+    if depth:
+        raise QueryError(f"bad predicate {where!r}: a '(' is never closed")
+    try:
+        duckdb.extract_statements(predicate_sql("SELECT 1", where))
+    except duckdb.Error as e:
+        raise QueryError(f"bad predicate {where!r}: {one_line(e)}") from None
+    return where
+
+
+def predicate_sql(select: str, where: str) -> str:
+    """`select` filtered by the predicate `where`, on lines of its own: a `--` comment in it ends with its line."""
+    return f"{select} WHERE (\n{where}\n)"
 
 
 def recorded_inputs(root: str, modality: str) -> list[str]:
@@ -83,16 +137,13 @@ def recorded_inputs(root: str, modality: str) -> list[str]:
 _STORES: dict[str, Store] = {}  # one per root, so commit records and footers are read once per process
 
 
-def _open(root: str) -> Store:
+def open_store(root: str) -> Store:
+    """The store at ROOT for reading, one per root and process; QueryError if there is none."""
     store = Store(root)
     store = _STORES.setdefault(store.root, store)
     if not store.exists():
-        raise QueryError(f"no store at {store.root}")
+        raise QueryError(f"{store.root} is a file, not a store" if store.is_file() else f"no store at {store.root}")
     return store
-
-
-def _newest(*keys: str) -> str:
-    return f"QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY created_at DESC, job_id DESC) = 1"
 
 
 def _ident(name: str) -> str:
@@ -126,25 +177,9 @@ def _embedding_views(con: duckdb.DuckDBPyConnection, store: Store) -> dict[str, 
                 f"model {model} has {dim}-dim embeddings for {modality} but {model_dims[model]}-dim ones elsewhere"
             )
     width = max(dims.values(), default=1)
-    head = [*embedding_schema(width).names, "modality", "model", "dim"]
-    parts = []
-    for (modality, model), data in datasets.items():
-        vector = (
-            "embedding"
-            if dims[modality, model] == width
-            else f"list_resize(embedding::FLOAT[], {width}, 0.0)::FLOAT[{width}]"
-        )
-        columns = f"'{modality}' AS modality, '{model}' AS model, {dims[modality, model]} AS dim"
-        parts.append((data, f"* REPLACE ({vector} AS embedding), {columns}"))
-    empty = pa.schema(
-        [*embedding_schema(width), ("modality", pa.string()), ("model", pa.string()), ("dim", pa.int32())]
-    )
-    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], head)
-    con.execute(
-        f"CREATE VIEW embeddings AS SELECT * FROM _embeddings_all {_newest('modality', 'source', 'id', 'model')}"
-    )
-    for view, modality in VIEWS.items():
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM embeddings WHERE modality = '{modality}'")
+    parts = [(data, embedding_columns(*key, dims[key], width)) for key, data in datasets.items()]
+    empty = embeddings_schema(width)
+    _union(con, "_embeddings_all", parts or [(empty.empty_table(), "*")], empty.names)
     return model_dims
 
 
@@ -153,15 +188,9 @@ def _errors_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         (store.dataset(files), f"*, '{check_modality(modality)}' AS modality")
         for (modality,), files in sorted(store.partitions("errors").items())
     ]
-    empty = ERROR_SCHEMA.append(pa.field("modality", pa.string()))
-    _union(con, "_errors_all", parts or [(empty.empty_table(), "*")], empty.names)
-    con.execute(f"""
-        CREATE VIEW errors AS
-        WITH embedded AS (SELECT modality, source, id, model, max(created_at) AS at FROM _embeddings_all GROUP BY ALL)
-        SELECT e.* FROM _errors_all e
-        WHERE NOT EXISTS (SELECT 1 FROM embedded x WHERE x.modality = e.modality AND x.source = e.source
-                          AND x.id = e.id AND x.model = e.model AND x.at > e.created_at)
-        {_newest("modality", "source", "id", "model")}""")
+    _union(con, "_errors_all", parts or [(ERRORS_SCHEMA.empty_table(), "*")], ERRORS_SCHEMA.names)
+    for statement in derived_views():
+        con.execute(statement)
 
 
 def _jobs_view(con: duckdb.DuckDBPyConnection, store: Store) -> None:
@@ -221,7 +250,7 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence | di
     try:
         return con.execute(sql, params).to_arrow_table()
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def check_readonly(sql: str) -> None:
@@ -236,7 +265,7 @@ def _parse(sql: str) -> list[duckdb.Statement]:
     try:
         return duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(one_line(e)) from None
 
 
 def _check(statement: duckdb.Statement) -> None:
@@ -258,262 +287,3 @@ def _explained(sql: str) -> duckdb.Statement:
         if len(statements) == 1:
             return statements[0]
     raise ReadOnlyError("cannot tell which statement this EXPLAIN wraps")
-
-
-# -- fast top-k search --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Partition:
-    """One (modality, model) partition's newest rows, loaded for search."""
-
-    files: tuple[str, ...]
-    matrix: np.ndarray  # (rows, dim) float32, each row L2-normalised
-    labels: pa.Table  # id, uri of each matrix row
-    con: duckdb.DuckDBPyConnection  # table `candidates`: every file column but the embedding, and `_row`
-    half: torch.Tensor | None = None  # the matrix in float16, for the first pass over a large partition
-
-
-HALF_ROWS = 200_000  # from this many rows, a search scans a float16 copy first: the scan is bound by memory traffic
-# |float16 score - exact score| for unit vectors: both roundings (2 ** -11 each, relative), float32 sums, and room
-HALF_ERROR = 1.5e-3
-
-_PARTITIONS: dict[tuple[str, str, str], _Partition] = {}
-_LOADING = threading.Lock()
-
-
-def search(
-    root: str,
-    vector: np.ndarray,
-    modality: str,
-    model: str,
-    k: int = 10,
-    where: str | None = None,
-    params: Sequence | dict | None = None,
-    use_index: bool = True,
-    ef_search: int | None = None,
-) -> pa.Table:
-    """The `k` rows of one modality and model most cosine-similar to `vector`, best first.
-
-    `where` is a SQL predicate over the table's columns (passthrough ones included) that picks
-    the candidate rows; values for its `?` or `$name` placeholders go in `params`.
-    A whole-partition search uses the partition's HNSW index when a fresh one exists (see
-    `build_index`; approximate, with `ef_search` candidates) unless `use_index` is False;
-    otherwise the search is exact.
-    Returns columns id, uri, modality, model, score.
-    """
-    if modality not in MODALITIES:
-        raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
-    if k < 1:
-        raise QueryError(f"k must be positive, not {k}")
-    if ef_search is not None and ef_search < 1:
-        raise QueryError(f"ef_search must be positive, not {ef_search}")
-    store = _open(root)
-    hnsw = index.fresh(store, modality, model, _files(store, modality, model)) if use_index and where is None else None
-    part = None if hnsw else _partition(store, modality, model)
-    query = _unit(vector, hnsw.dim if hnsw else part.matrix.shape[1], model)
-    if hnsw:
-        ids, uris, scores = hnsw.search(query, k, ef_search)
-    else:
-        top, scores = _best(part, query, k, None if where is None else _candidates(part, where, params))
-        ids, uris = part.labels["id"].take(top), part.labels["uri"].take(top)
-    n = len(ids)
-    return pa.table(
-        {
-            "id": ids,
-            "uri": uris,
-            "modality": pa.array([modality] * n, pa.string()),
-            "model": pa.array([model] * n, pa.string()),
-            "score": pa.array(scores, pa.float32()),
-        }
-    )
-
-
-def _unit(vector: np.ndarray, dim: int, model: str) -> np.ndarray:
-    query = np.asarray(vector, dtype=np.float32)
-    if query.shape != (dim,):
-        raise QueryError(f"query vector has shape {query.shape}, but model '{model}' has dim {dim}")
-    norm = np.linalg.norm(query)
-    if not norm > 0:
-        raise QueryError("query vector has zero or non-finite norm")
-    return query / norm
-
-
-def build_index(
-    root: str,
-    modality: str | None = None,
-    model: str | None = None,
-    force: bool = False,
-    options: dict[str, int] | None = None,
-) -> list[dict]:
-    """Build the HNSW index of every partition (or those of `modality` / `model`) that has no fresh one
-    with these `options` (every one with `force`); returns per partition: modality, model, rows, status
-    (built or fresh), seconds."""
-    store = _open(root)
-    index.local_root(store)  # before loading any partition
-    wanted = {**index.OPTIONS, **(options or {})}
-    done = []
-    for (mod, name), files in sorted(store.partitions("embeddings").items()):
-        if modality not in (None, mod) or model not in (None, name):
-            continue
-        start = time.perf_counter()
-        hnsw = None if force else index.fresh(store, mod, name, files)
-        hnsw = hnsw if hnsw and hnsw.options == wanted else None
-        if hnsw is None:
-            part = _partition(store, mod, name)
-            index.write(store, mod, name, part.files, part.matrix, part.labels, options)
-        rows = hnsw.rows if hnsw else len(part.matrix)
-        done.append(
-            {
-                "modality": mod,
-                "model": name,
-                "rows": rows,
-                "status": "fresh" if hnsw else "built",
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-        )
-    if not done:
-        raise QueryError(
-            f"no embeddings{f' for modality={modality}' if modality else ''}{f' from model {model}' if model else ''} in {store.root}"
-        )
-    return done
-
-
-def _best(part: _Partition, query: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best matches to the unit vector `query` among `rows` (default: the whole partition): rows, scores.
-
-    A whole large partition is scanned in float16 first, then only the rows that the scan's error bound
-    leaves in reach of the top k are scored exactly: the same rows and scores as an exact scan, at half
-    the traffic."""
-    if rows is None and part.half is None:
-        scores = part.matrix @ query
-        top = _top_k(scores, k)
-        return top, scores[top]
-    if rows is None:
-        import torch
-
-        approx = torch.mv(part.half, torch.from_numpy(query).half()).float().numpy()
-        kth = np.partition(approx, len(approx) - k)[len(approx) - k] if k < len(approx) else approx.min()
-        rows = np.flatnonzero(approx >= kth - 2 * HALF_ERROR)  # every row whose exact score can reach the k-th best
-    exact = part.matrix[rows] @ query
-    best = _top_k(exact, k)
-    return rows[best], exact[best]
-
-
-CLASSIFY_CHUNK = 65_536  # rows scored at a time: bounds the (rows, labels) score matrix
-
-
-def classify(
-    root: str,
-    label_vectors: np.ndarray,
-    labels: Sequence[str],
-    modality: str,
-    model: str,
-    scale: float,
-    where: str | None = None,
-    params: Sequence | dict | None = None,
-) -> pa.Table:
-    """Zero-shot classification of one modality and model's rows: each row's best label and its probability,
-    a softmax over `scale` x the cosine similarity to every label vector (CLIP's zero-shot rule).
-
-    `label_vectors` is (labels, dim), as the model's text tower embeds the labels; `where` as for `search`.
-    Returns columns id, uri, label, probability, in the partition's row order.
-    """
-    check_modality(modality)
-    vectors = np.asarray(label_vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[0] != len(labels) or not len(labels):
-        raise QueryError(f"need one vector per label: {len(labels)} labels, vectors of shape {vectors.shape}")
-    part = _partition(_open(root), modality, model)
-    if vectors.shape[1] != part.matrix.shape[1]:
-        raise QueryError(
-            f"label vectors have dim {vectors.shape[1]}, but model '{model}' has dim {part.matrix.shape[1]}"
-        )
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-    rows = np.arange(len(part.matrix)) if where is None else _candidates(part, where, params)
-    best = np.empty(len(rows), dtype=np.int64)
-    probability = np.empty(len(rows), dtype=np.float32)
-    for start in range(0, len(rows), CLASSIFY_CHUNK):
-        logits = scale * (part.matrix[rows[start : start + CLASSIFY_CHUNK]] @ vectors.T)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        best[start : start + len(p)] = p.argmax(1)
-        probability[start : start + len(p)] = p.max(1)
-    return pa.table(
-        {
-            "id": part.labels["id"].take(rows),
-            "uri": part.labels["uri"].take(rows),
-            "label": pa.array(labels, pa.string()).take(best),
-            "probability": pa.array(probability, pa.float32()),
-        }
-    )
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, highest first (ties: lower index first)."""
-    n = len(scores)
-    best = np.flatnonzero(scores >= np.partition(scores, n - k)[n - k]) if k < n else np.arange(n)
-    return best[np.lexsort((best, -scores[best]))][:k]
-
-
-def _candidates(part: _Partition, where: str, params: Sequence | dict | None) -> np.ndarray:
-    sql = f"SELECT _row FROM candidates WHERE ({where})"
-    check_readonly(sql)
-    try:
-        with part.con.cursor() as cursor:
-            rows = cursor.execute(sql, params).fetchnumpy()["_row"]
-    except duckdb.Error as e:
-        raise QueryError(f"bad where predicate {where!r}: {e}") from None
-    return np.unique(rows[(rows >= 0) & (rows < len(part.matrix))]).astype(np.int64)
-
-
-def _files(store: Store, modality: str, model: str) -> tuple[str, ...]:
-    files = tuple(store.partitions("embeddings").get((modality, model), ()))
-    if not files:
-        raise QueryError(f"no embeddings for modality={modality} model={model} in {store.root}")
-    return files
-
-
-def _partition(store: Store, modality: str, model: str) -> _Partition:
-    """The cached partition, reloaded whenever its committed files change."""
-    files = _files(store, modality, model)
-    key = (store.root, modality, model)
-    with _LOADING:
-        part = _PARTITIONS.get(key)
-        if part is None or part.files != files:
-            _PARTITIONS.pop(key, None)  # free the stale matrix before building its successor
-            part = _PARTITIONS[key] = _load(store, files)
-    return part
-
-
-def _load(store: Store, files: tuple[str, ...]) -> _Partition:
-    table = store.dataset(list(files)).to_table()
-    dim = embedding_dim(table.schema)
-    matrix = np.empty((table.num_rows, dim), dtype=np.float32)
-    start = 0
-    for chunk in table["embedding"].chunks:
-        values = chunk.flatten().to_numpy()
-        if len(values) != len(chunk) * dim:
-            raise QueryError(f"null embeddings among {', '.join(store.uri(f) for f in files)}")
-        block = values.reshape(-1, dim)
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
-        np.divide(block, np.maximum(norms, np.finfo(np.float32).tiny)[:, None], out=matrix[start : start + len(chunk)])
-        start += len(chunk)
-    meta = table.drop_columns(["embedding"]).append_column("_row", pa.array(np.arange(table.num_rows)))
-    del table
-    con = duckdb_connection()
-    con.register("_meta", meta)
-    keep = con.sql(f"SELECT _row FROM _meta {_newest('source', 'id')} ORDER BY _row").fetchnumpy()["_row"]
-    con.unregister("_meta")
-    if len(keep) < len(matrix):
-        matrix, meta = matrix[keep], meta.take(keep)
-    meta = meta.set_column(meta.schema.get_field_index("_row"), "_row", pa.array(np.arange(len(keep))))
-    con.register("_meta", meta)
-    con.execute("CREATE TABLE candidates AS SELECT * FROM _meta")
-    con.unregister("_meta")
-    half = None
-    if len(matrix) >= HALF_ROWS:
-        import torch
-
-        half = torch.from_numpy(matrix).half()
-    return _Partition(files, matrix, meta.select(["id", "uri"]), con, half)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from encoders.errors import MmembedError
+
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 PARTITION_COLUMNS = ("modality", "model")
 
@@ -27,7 +29,7 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(MmembedError):
     """A table lacks a store column, has one of the wrong type, or reuses a reserved column name."""
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -30,9 +30,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from encoders.errors import MmembedError
+
+from . import views
 from .schema import ERROR_SCHEMA, conform, embedding_dim, embedding_schema
 
-KINDS = ("embeddings", "errors")
+TABLES = ("embeddings", "errors")  # the data tables under ROOT, each a tree of partitioned Parquet files
 MODALITIES = ("image", "audio", "text")
 COMMITS, JOBS = "_commits", "_jobs"
 TMP_SUFFIX = ".tmp"
@@ -42,11 +45,25 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 KEY_SEP = "\x1f"  # joins source, id and content_hash into a row key; no path or hash holds it
 KEY_COLUMNS = ("source", "id", "content_hash")
+# An error row for an id that several rows of one input share is done under its content hash with this prefix, so
+# that the row is embedded once the input no longer shares its id (and skipped while it still does).
+DUPLICATE = "duplicate:"
+DUPLICATE_ERROR = "DuplicateId"
 
 
 def row_key(source: str, id_: str, content_hash: str) -> bytes:
     """The identity of an input row: sha256 of its source, id and content hash (32 bytes)."""
     return hashlib.sha256(f"{source}{KEY_SEP}{id_}{KEY_SEP}{content_hash}".encode()).digest()
+
+
+def canonical_root(root: str) -> str:
+    """The one spelling of a store ROOT: a local path absolute, `~` expanded and symlinks resolved; a URI without a
+    trailing '/'. The store, its lock and the scheduler all name a ROOT by it, so `s3://b/x/` and `s3://b/x`, or
+    `~/store` and its expansion, are one store with one lock."""
+    if "://" in root:
+        scheme, rest = root.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}"
+    return str(Path(root).expanduser().resolve())
 
 
 def duckdb_connection() -> duckdb.DuckDBPyConnection:
@@ -57,7 +74,7 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     return con
 
 
-class StoreError(ValueError):
+class StoreError(MmembedError):
     """The store, one of its files or records, or a name or table given to it is missing or invalid."""
 
 
@@ -87,7 +104,7 @@ class Store:
     """One store ROOT; cheap to build and to pickle (only the root string travels)."""
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
+        self.root = canonical_root(root)
         self._commits: dict[str, dict] = {}
         self._schemas: dict[str, pa.Schema] = {}
 
@@ -117,7 +134,16 @@ class Store:
         return f"{self.root}/{rel}"
 
     def exists(self) -> bool:
-        return self.fs.get_file_info(self._fs[1]).type == pafs.FileType.Directory
+        return self._kind() == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self._kind() == pafs.FileType.File
+
+    def _kind(self) -> pafs.FileType:
+        try:
+            return self.fs.get_file_info(self._fs[1]).type
+        except OSError as e:  # an object store that refuses (no such bucket, no access), a path with no permission
+            raise StoreError(f"cannot reach the store {self.root}: {str(e).splitlines()[0]}") from None
 
     # -- writing (in workers) ---------------------------------------------------------
 
@@ -167,7 +193,7 @@ class Store:
         """Make `files` (ROOT-relative, as the writers returned them) visible in one step."""
         check_name("job", job_id)
         for rel in files:
-            if rel.split("/", 1)[0] not in KINDS or ".." in rel.split("/") or not rel.endswith(".parquet"):
+            if rel.split("/", 1)[0] not in TABLES or ".." in rel.split("/") or not rel.endswith(".parquet"):
                 raise StoreError(f"{rel!r} is not a data file path in the store")
         missing = [i.path for i in self.fs.get_file_info([self.path(f) for f in files]) if i.type != pafs.FileType.File]
         if missing:
@@ -184,7 +210,18 @@ class Store:
         rel = f"{COMMITS}/{job_id}-{seq:06d}.json"
         self._write_json(rel, record)
         self._commits[rel] = record
+        self.write_views()
         return rel
+
+    def write_views(self) -> None:
+        """ROOT/views.sql: the views of the committed files now, for plain DuckDB (storage/views.py)."""
+        embedded = self.partitions("embeddings")
+        embeddings = {key: [self.uri(f) for f in files] for key, files in embedded.items()}
+        dims = {key: embedding_dim(self.schema(files[0])) for key, files in embedded.items()}
+        errors = {modality: [self.uri(f) for f in files] for (modality,), files in self.partitions("errors").items()}
+        jobs = self.uri(f"{JOBS}/*.json") if any(i.base_name.endswith(".json") for i in self._list(JOBS)) else None
+        text = views.script(embeddings, dims, errors, jobs).encode()
+        self._atomic(views.VIEWS_FILE, lambda f: f.write(text))
 
     def _records(self) -> list[dict]:
         """Every commit record; each is read once, since a record never changes once written."""
@@ -193,8 +230,8 @@ class Store:
         return list(self._commits.values())
 
     def _committed(self, kind: str) -> list[str]:
-        if kind not in KINDS:
-            raise StoreError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if kind not in TABLES:
+            raise StoreError(f"kind must be one of {', '.join(TABLES)}, not {kind!r}")
         return sorted({f for r in self._records() for f in r["files"] if f.startswith(f"{kind}/")})
 
     def committed_files(self, kind: str) -> list[str]:
@@ -217,7 +254,7 @@ class Store:
         keep = set(self._committed("embeddings")) | set(self._committed("errors"))
         doomed = [
             i.path
-            for kind in KINDS
+            for kind in TABLES
             for i in self._list(kind, recursive=True)
             if i.type == pafs.FileType.File and i.path.removeprefix(self._fs[1] + "/") not in keep
         ]
@@ -283,25 +320,29 @@ class Store:
         errored: what an incremental run skips. DuckDB reads only the key columns, 32 bytes a row come back."""
         check_modality(modality)
         check_name("model", model)
+        duplicate = (
+            f"CASE WHEN error_type = '{DUPLICATE_ERROR}' THEN '{DUPLICATE}' || content_hash ELSE content_hash END"
+        )
         sources = [
-            ("embedded", self.partitions("embeddings").get((modality, model), []), KEY_COLUMNS, "", []),
+            ("embedded", self.partitions("embeddings").get((modality, model), []), KEY_COLUMNS, "content_hash", "", []),
             (
                 "errored",
                 self.partitions("errors").get((modality,), []),
-                (*KEY_COLUMNS, "model"),
+                (*KEY_COLUMNS, "model", "error_type"),
+                duplicate,
                 " WHERE model = ?",
                 [model],
             ),
         ]
-        key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, content_hash)))"
         con = duckdb_connection()
         try:
             selects, params = [], []
-            for name, files, columns, where, values in sources:
+            for name, files, columns, hashed, where, values in sources:
                 if (
                     files
                 ):  # an Arrow dataset reads through pyarrow.fs, so an object-store ROOT needs no DuckDB extension
                     con.register(name, self.dataset(files, pa.schema([(c, pa.string()) for c in columns])))
+                    key = f"unhex(sha256(concat_ws(chr({ord(KEY_SEP)}), source, id, {hashed})))"
                     selects.append(f"SELECT {key} AS k FROM {name}{where}")
                     params += values
             if not selects:

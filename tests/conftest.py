@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from encoders.clip import CLIP, CLIPDims
-from encoders.store import StoredModel, save
+from encoders.weights import StoredModel, save
 
 # Set before anything starts Ray, so its workers inherit it: packaged models convert once per session.
 os.environ.setdefault("MMEMBED_HOME", tempfile.mkdtemp(prefix="mmembed-home-"))

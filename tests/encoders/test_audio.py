@@ -139,3 +139,54 @@ def test_bad_audio_is_rejected_with_a_reason():
         audio.features(np.zeros(0, np.float32), 80, "trimmed")
     with pytest.raises(ValueError, match="audio mode"):
         audio.features(np.zeros(10, np.float32), 80, "cropped")
+
+
+def flac_of_silence(seconds: int, rate: int, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=channels, format="FLAC") as f:
+        for start in range(0, seconds, 600):
+            f.write(np.zeros((rate * min(600, seconds - start), channels), np.int16))
+    return buf.getvalue()
+
+
+def test_a_clip_over_the_length_limit_is_refused_before_it_is_decoded():
+    """A 180 KB FLAC of two hours of silence once decoded whole (at its own rate) in the decoding task."""
+    import time
+    import tracemalloc
+
+    meeting = flac_of_silence(2 * 3600, 8000)
+    assert len(meeting) < 1 << 20
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(AudioValidationError, match=r"audio is 7200\.0 s long, over the 3600 s limit"):
+        audio.decode(meeting)
+    assert time.perf_counter() - start < 0.5 and tracemalloc.get_traced_memory()[1] < 8 << 20
+    tracemalloc.stop()
+    with pytest.raises(AudioValidationError, match=r"audio is 33\.8 s long, over the 30 s limit"):
+        audio.decode((FIXTURES / "long_8k.ogg").read_bytes(), max_seconds=30)
+    assert len(audio.decode((FIXTURES / "long_8k.ogg").read_bytes(), max_seconds=34)) == 541484
+
+
+def test_a_long_clip_is_decoded_in_pieces():
+    """Three minutes of 48 kHz stereo: decoded whole at its own rate, then resampled, the peak was 99 MiB; in pieces
+    it is 24 MiB, about its 16 kHz mono output (11 MiB) twice."""
+    import tracemalloc
+
+    clip = flac_of_silence(180, 48000, channels=2)
+    tracemalloc.start()
+    samples = audio.decode(clip)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert samples.shape == (180 * 16000,) and not samples.any()
+    assert peak < 30 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_texts_over_the_size_limit_are_refused():
+    from encoders.errors import TextValidationError
+    from encoders.text import check_text
+
+    assert check_text("é" * 10, max_bytes=20) == "é" * 10
+    with pytest.raises(TextValidationError, match="text is 22 bytes, over the 20 byte limit"):
+        check_text("é" * 11, max_bytes=20)
+    with pytest.raises(TextValidationError, match="text is 21 bytes"):
+        check_text(b"x" * 21, max_bytes=20)

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from encoders import store
+from encoders import weights
 from encoders.bert import CHUNK, BertEncoder, convert_hf
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import PACKAGED
 
 MINILM_DIR = PACKAGED["minilm-l6"]()
@@ -155,7 +155,7 @@ def test_embeddings_are_unit_shaped_and_deterministic(encoder, text):
 
 
 def test_store_round_trip(minilm, encoder, tmp_path):
-    loaded = store.load(store.save(minilm, tmp_path / "m.parquet"))
+    loaded = weights.load(weights.save(minilm, tmp_path / "m.parquet"))
     assert loaded.digest == minilm.digest
     again = BertEncoder("minilm-l6", loaded, Options(device="cpu"))
     np.testing.assert_array_equal(again.encode("text", TEXTS[:3]), encoder.encode("text", TEXTS[:3]))
@@ -277,7 +277,7 @@ def test_unexpected_or_missing_tensor_is_a_conversion_error(tmp_path):
         convert_hf(path)
     del weights["encoder.layer.1.output.LayerNorm.bias"]
     save_file(weights, path / "model.safetensors")
-    with pytest.raises(ConversionError, match="lacks tensor 'encoder.layer.1.output.LayerNorm.bias'"):
+    with pytest.raises(ConversionError, match="the checkpoint has no tensor 'encoder.layer.1.output.LayerNorm.bias'"):
         convert_hf(path)
 
 
@@ -295,7 +295,10 @@ def test_wrong_shape_is_a_conversion_error(tmp_path):
     weights = load_file(path / "model.safetensors")
     weights["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(65, 32)
     save_file(weights, path / "model.safetensors")
-    with pytest.raises(ConversionError, match=r"'blocks.0.mlp.fc1.weight' has shape \(65, 32\), expected \(64, 32\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"intermediate.dense.weight has shape \(65, 32\) for 'blocks.0.mlp.fc1.weight', the config implies \(64, 32\)",
+    ):
         convert_hf(path)
 
 

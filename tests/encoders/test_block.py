@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import block
+from encoders import block, onednn
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -71,12 +71,10 @@ print("torch._dynamo" in sys.modules)
 def test_a_dtype_the_cpu_only_emulates_is_named_when_a_model_builds(monkeypatch, caplog):
     """bf16 or fp16 without the CPU's instructions for them runs 4-7x slower than float32: a user asking for
     either is told once, when the network is built, not left to wonder."""
-    from encoders.model import Options
+    from encoders.options import Options
     from encoders.registry import load_encoder
 
-    assert block.cpu_computes(torch.float32)
-    assert block.cpu_computes(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    monkeypatch.setattr(block, "cpu_computes", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(onednn, "computes", lambda dtype: dtype == torch.float32)
     with caplog.at_level("WARNING", logger="encoders.model"):
         load_encoder("minilm-l6", Options(device="cpu"))
         assert not caplog.records

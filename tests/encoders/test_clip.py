@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from encoders import registry, store
-from encoders.clip import CLIP, CLIPDims, ClipEncoder, convert_hf, export_hf, tokenizer_from_bpe_files, train_tokenizer
+from encoders import checkpoint, registry, weights
+from encoders.clip import CLIP, CLIPDims, ClipEncoder, convert_hf, export_hf
 from encoders.errors import ConversionError, ModelLoadError, TextValidationError
 from encoders.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from encoders.model import Options
+from encoders.options import Options
+from encoders.vocab import clip_bpe, train_tokenizer
 
 PROMPTS = [
     "a red circle",
@@ -269,7 +270,7 @@ def test_convert_builds_the_tokenizer_from_vocab_and_merges(tmp_path, clip_token
     original = Tokenizer.from_str(clip_tokenizer_json)
     for text in PROMPTS:
         assert built.encode(text).ids == reference(text)["input_ids"] == original.encode(text).ids
-    assert tokenizer_from_bpe_files(path / "vocab.json", path / "merges.txt") == convert_hf(path).tokenizer
+    assert checkpoint.tokenizer_json(path, bpe=clip_bpe) == convert_hf(path).tokenizer
 
 
 def _rewrite_weights(path: Path, edit) -> None:
@@ -365,7 +366,7 @@ def test_train_tokenizer_lays_out_like_openai(tmp_path):
 
 
 def test_registry_loads_a_clip_store(tmp_path, tiny_clip, photos):
-    path = store.save(tiny_clip, tmp_path / "tiny.parquet")
+    path = weights.save(tiny_clip, tmp_path / "tiny.parquet")
     encoder = registry.load_encoder(str(path))
     assert isinstance(encoder, ClipEncoder) and encoder.dim == 24 and encoder.modalities == ("image", "text")
     item = encoder.preprocess("image", photos["coffee.png"])
@@ -384,9 +385,9 @@ def test_encoder_errors(tiny_clip):
     with pytest.raises(TextValidationError):
         encoder.preprocess("text", "   ")
     with pytest.raises(ModelLoadError, match="tokenizer"):
-        ClipEncoder("tiny", store.StoredModel(**vars(tiny_clip) | {"tokenizer": None}))
+        ClipEncoder("tiny", weights.StoredModel(**vars(tiny_clip) | {"tokenizer": None}))
     with pytest.raises(ModelLoadError, match="CLIP config"):
-        ClipEncoder("tiny", store.StoredModel(**vars(tiny_clip) | {"config": tiny_clip.config | {"text_heads": 5}}))
+        ClipEncoder("tiny", weights.StoredModel(**vars(tiny_clip) | {"config": tiny_clip.config | {"text_heads": 5}}))
 
 
 def test_float16_runs_close_to_float32(tiny_clip, photos):
@@ -418,3 +419,18 @@ def test_clip_trains_with_a_contrastive_loss(tiny_clip):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert asdict(model.dims) == tiny_clip.config
+
+
+def test_scores_are_clips_zero_shot_softmax(tmp_path, photos, clip_tokenizer_json):
+    model = hf_clip()
+    path = save_hf(model, tmp_path, clip_tokenizer_json, 36)
+    encoder = ClipEncoder("tiny", convert_hf(path))
+    labels = PROMPTS[:3]
+    pixels = CLIPImageProcessorPil.from_pretrained(path)(
+        images=[Image.open(io.BytesIO(photos[n])) for n in IMAGES[:2]], return_tensors="pt"
+    )["pixel_values"]
+    tokens = CLIPTokenizer.from_pretrained(path)(labels, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(pixel_values=pixels, **tokens).logits_per_image
+    cos = encoder.encode("image", [photos[n] for n in IMAGES[:2]]) @ encoder.encode("text", labels).T
+    np.testing.assert_allclose(encoder.score(cos), logits.softmax(-1).numpy(), atol=1e-5)

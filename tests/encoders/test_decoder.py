@@ -18,7 +18,7 @@ from faster_whisper import WhisperModel as FasterWhisper
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperModel
 
-from encoders import audio, decoding, store, transcribe, whisper
+from encoders import audio, decoding, transcribe, weights, whisper
 from encoders.errors import ConversionError, ModelLoadError
 from encoders.model import Options
 from encoders.whisper import WhisperEncoder
@@ -64,7 +64,7 @@ def test_ctranslate2_store_holds_the_decoder(tiny_en, tmp_path):
     assert (special.eot, special.sot, special.no_timestamps, special.no_speech) == (50256, 50257, 50362, 50361)
     assert special.languages == {} and special.suppress_begin == (220, 50256) and 50257 in special.suppress
     assert special.prompt(None, timestamps=False) == [50257, 50362] and special.prompt(None, timestamps=True) == [50257]
-    loaded = store.load(store.save(tiny_en.stored, tmp_path / "tiny.parquet"))
+    loaded = weights.load(weights.save(tiny_en.stored, tmp_path / "tiny.parquet"))
     assert loaded.config == config and loaded.tokenizer == tiny_en.stored.tokenizer
     assert loaded.digest == tiny_en.digest
 
@@ -236,13 +236,14 @@ def test_decoder_conversion_errors_name_the_tensor(tmp_path):
         t["model.decoder.layers.0.fc1.weight"] = t["model.decoder.layers.0.fc1.weight"].T.contiguous()
 
     with pytest.raises(
-        ConversionError, match=r"missing tensor 'model\.decoder\.layers\.1\.encoder_attn\.v_proj\.weight'"
+        ConversionError, match=r"has no tensor 'model\.decoder\.layers\.1\.encoder_attn\.v_proj\.weight'"
     ):
         whisper.convert_hf(edited("drop", drop))
     with pytest.raises(ConversionError, match="proj_out.weight is not the token embedding"):
         whisper.convert_hf(edited("untie", untie))
     with pytest.raises(
-        ConversionError, match=r"layers\.0\.fc1\.weight \(40, 72\) make \(40, 72\), expected \(72, 40\)"
+        ConversionError,
+        match=r"layers\.0\.fc1\.weight has shape \(40, 72\) for 'decoder\.blocks\.0\.mlp\.fc1\.weight', the config implies \(72, 40\)",
     ):
         whisper.convert_hf(edited("transpose", transpose))
     (tmp_path / "asr" / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 51}))

@@ -205,3 +205,19 @@ def test_preprocess_arguments_are_checked():
         image.preprocess(Image.new("L", (10, 10)))
     with pytest.raises(ValueError, match="crop_size"):
         image.preprocess(Image.new("RGB", (10, 10)), size=20, crop_size=24)
+
+
+def test_squash_matches_siglip_image_processor():
+    """resize="squash": both sides to `size` whatever the aspect ratio, no crop, as SiglipImageProcessor does."""
+    from transformers import SiglipImageProcessorPil
+
+    pixels = np.random.default_rng(0).integers(0, 256, (21, 40, 3), dtype=np.uint8)
+    ref = SiglipImageProcessorPil(size={"height": 16, "width": 16}, resample=2)(
+        images=[Image.fromarray(pixels)], return_tensors="np"
+    )["pixel_values"][0]
+    out = image.preprocess(Image.fromarray(pixels), 16, 16, [0.5] * 3, [0.5] * 3, resize="squash", resample="bilinear")
+    assert np.abs(out - ref).max() <= 1e-6
+    with pytest.raises(ValueError, match="equal it to squash"):
+        image.preprocess(Image.new("RGB", (10, 10)), 20, 16, resize="squash")
+    with pytest.raises(ValueError, match="unknown resize"):
+        image.preprocess(Image.new("RGB", (10, 10)), 16, 16, resample="lanczos")

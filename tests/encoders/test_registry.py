@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from encoders import registry, store
+from encoders import registry, weights
 from encoders.bert import BertEncoder
 from encoders.convert import detect
 from encoders.errors import ConversionError, ModelLoadError
-from encoders.model import Options
+from encoders.options import Options
 
 MINILM_DIR = registry.PACKAGED["minilm-l6"]()
 
@@ -39,8 +39,8 @@ def test_bundled_names_include_the_packaged_models():
 
 def test_packaged_model_is_converted_once_into_the_home(converted_home):
     path = registry.resolve("minilm-l6")
-    assert path == converted_home / "models" / "minilm-l6.parquet"
-    meta = store.read_meta(path)
+    assert path == registry.models_dir() / "minilm-l6.parquet"
+    meta = weights.read_meta(path)
     assert meta["kind"] == "bert"
     assert meta["source"] == str(MINILM_DIR.resolve())
     assert meta["config"]["max_seq_length"] == 256 and meta["config"]["normalize"] is True
@@ -62,7 +62,7 @@ def test_load_encoder_by_name_and_by_path(converted_home):
 
 
 def test_unknown_name_says_what_is_known(converted_home):
-    shutil.copy(registry.resolve("minilm-l6"), converted_home / "models" / "my-bert.parquet")
+    shutil.copy(registry.resolve("minilm-l6"), registry.models_dir() / "my-bert.parquet")
     with pytest.raises(ModelLoadError) as e:
         registry.resolve("no-such-model")
     message = str(e.value)
@@ -70,7 +70,7 @@ def test_unknown_name_says_what_is_known(converted_home):
     for name in ("minilm-l6", "whisper-tiny.en", "my-bert"):
         assert name in message
     assert "mmembed models convert SRC NAME" in message
-    (converted_home / "models" / "my-bert.parquet").unlink()
+    (registry.models_dir() / "my-bert.parquet").unlink()
 
 
 def test_missing_store_path_is_a_load_error(tmp_path):
@@ -83,12 +83,12 @@ def test_list_models_before_any_conversion(empty_home):
     assert infos["minilm-l6"].kind == "bert" and infos["whisper-tiny.en"].kind == "whisper"
     for name in ("minilm-l6", "whisper-tiny.en"):
         assert (infos[name].source, infos[name].path, infos[name].size_bytes) == ("bundled", None, None)
-    assert not (empty_home / "models").exists()  # listing converts nothing
+    assert not registry.models_dir().exists()  # listing converts nothing
 
 
 def test_list_models_after_conversion_shows_bundled_and_converted(converted_home):
     path = registry.resolve("minilm-l6")
-    mine = converted_home / "models" / "mine.parquet"
+    mine = registry.models_dir() / "mine.parquet"
     shutil.copy(path, mine)
     infos = {m.name: m for m in registry.list_models()}
     assert infos["minilm-l6"] == registry.ModelInfo("minilm-l6", "bert", "bundled", path, path.stat().st_size)

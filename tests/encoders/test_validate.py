@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from encoders import registry, store
+from encoders import registry, weights
 from encoders.errors import ModelLoadError
 from encoders.validate import THRESHOLD, MissingReferenceError, ValidationReport, validate
 
@@ -39,21 +39,27 @@ def test_whisper_tiny_passes_against_ctranslate2(home):
     assert report.min_cosine >= 0.9999 and report.passed
 
 
-def test_a_wrong_model_fails(home):
-    stored = store.load(registry.resolve("minilm-l6"))
+@pytest.fixture(scope="module")
+def broken_bert(home) -> str:
+    """minilm-l6 with one weight matrix perturbed."""
+    stored = weights.load(registry.resolve("minilm-l6"))
     torch.manual_seed(0)
     weight = stored.tensors["blocks.5.mlp.fc2.weight"]
     stored.tensors["blocks.5.mlp.fc2.weight"] = weight + 0.05 * torch.randn_like(weight)
-    store.save(stored, home / "models" / "broken-bert.parquet")
-    report = validate("broken-bert")
+    weights.save(stored, registry.models_dir() / "broken-bert.parquet")
+    return "broken-bert"
+
+
+def test_a_wrong_model_fails(broken_bert):
+    report = validate(broken_bert)
     assert report.min_cosine < THRESHOLD and not report.passed
     assert report.to_dict()["passed"] is False
 
 
 def test_a_store_without_source_cannot_be_validated(home):
-    stored = store.load(registry.resolve("minilm-l6"))
+    stored = weights.load(registry.resolve("minilm-l6"))
     stored.source = None
-    store.save(stored, home / "models" / "orphan-bert.parquet")
+    weights.save(stored, registry.models_dir() / "orphan-bert.parquet")
     with pytest.raises(ModelLoadError, match="'orphan-bert': it records no source checkpoint"):
         validate("orphan-bert")
 
@@ -77,7 +83,7 @@ def write_tiny_clip(path):
     from tokenizers import Tokenizer
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from encoders.clip import train_tokenizer
+    from encoders.vocab import train_tokenizer
 
     path.mkdir()
     tokenizer = train_tokenizer(
@@ -113,7 +119,7 @@ def test_clip_passes_from_its_checkpoint_and_from_an_export(home, tmp_path):
     from encoders.convert import convert
 
     src = write_tiny_clip(tmp_path / "tiny-clip")
-    convert(src, home / "models" / "tiny-clip.parquet")
+    convert(src, registry.models_dir() / "tiny-clip.parquet")
     report = validate("tiny-clip")
     assert report.kind == "clip" and "CLIPModel" in report.reference
     assert {e.modality for e in report.examples} == {"image", "text"}
@@ -121,3 +127,28 @@ def test_clip_passes_from_its_checkpoint_and_from_an_export(home, tmp_path):
     shutil.rmtree(src)  # as for a model this project trained: no checkpoint on disk, so validate exports one
     exported = validate("tiny-clip")
     assert exported.passed and [e.label for e in exported.examples] == [e.label for e in report.examples]
+
+
+def test_shapes_clip_passes_through_its_export(home):
+    """The bundled demo model was trained here with a word-level tokenizer and validates through export_hf: the
+    export must make transformers use its tokenizer.json as it is (CLIPTokenizer rebuilt CLIP's BPE pipeline around
+    the vocabulary and turned most words into the unknown token: text cosines fell to about 0)."""
+    report = validate("shapes-clip")
+    assert report.kind == "clip" and "CLIPModel" in report.reference
+    assert report.min_cosine >= 0.9999 and report.passed
+
+
+def test_the_command_prints_each_figure_and_the_verdict(broken_bert, capsys):
+    from jobs.cli import main
+
+    assert main(["models", "validate", "broken-bert"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    report = validate("broken-bert")
+    assert out[0] == f"broken-bert (bert) against {report.reference}, cosine >= {THRESHOLD} on every example:"
+    assert len(out) == len(report.examples) + 2
+    for line, example in zip(out[1:], report.examples):
+        assert line.split()[0] == ("ok" if example.cosine >= THRESHOLD else "FAIL")
+        assert line.endswith(f"{example.cosine:.6f}")
+    assert out[-1] == f"FAIL: lowest cosine {report.min_cosine:.6f} over {len(report.examples)} examples"
+    assert main(["models", "validate", "minilm-l6"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("PASS: lowest cosine ")

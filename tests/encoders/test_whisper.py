@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.audio_utils import load_audio
 
-from encoders import audio, whisper
+from encoders import audio, checkpoint, whisper
 from encoders.convert import read_checkpoint
 from encoders.errors import AudioValidationError, ConversionError, ModelLoadError
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import load_encoder
 from encoders.whisper import WhisperDims, WhisperEncoder
 
@@ -139,7 +139,7 @@ def test_int8_ctranslate2_model_matches_ctranslate2(tmp_path):
     from ctranslate2.specs import model_spec, whisper_spec
 
     spec = whisper_spec.WhisperSpec(4, 6, 4, 6)
-    for name, value in whisper.read_ct2(TINY_EN / "model.bin", lambda n: True).items():
+    for name, value in checkpoint.read_ct2(TINY_EN / "model.bin", "WhisperSpec", lambda n: True).items():
         scope, attr = model_spec._parent_scope(name)
         setattr(model_spec.index_spec(spec, scope), attr, value.numpy())
     # An equal copy is stored as an alias of the first (alphabetical) name.
@@ -149,7 +149,7 @@ def test_int8_ctranslate2_model_matches_ctranslate2(tmp_path):
     spec.optimize("int8")
     spec.save(str(tmp_path))
 
-    variables = whisper.read_ct2(tmp_path / "model.bin", lambda n: n.startswith("encoder/"))
+    variables = checkpoint.read_ct2(tmp_path / "model.bin", "WhisperSpec", lambda n: n.startswith("encoder/"))
     assert variables["encoder/layer_0/ffn/linear_0/weight"].dtype == torch.int8
     assert "encoder/layer_1/ffn/layer_norm/gamma" in variables
     enc = encoder(read_checkpoint(tmp_path), audio_mode="padded")
@@ -265,11 +265,14 @@ def test_hf_checkpoint_errors_name_the_tensor(hf_dir, tmp_path):
     def transpose(t):
         t["encoder.layers.0.fc1.weight"] = t["encoder.layers.0.fc1.weight"].T.contiguous()
 
-    with pytest.raises(ConversionError, match=r"missing encoder tensor 'layers\.1\.self_attn\.k_proj\.weight'"):
+    with pytest.raises(ConversionError, match=r"the checkpoint has no tensor 'layers\.1\.self_attn\.k_proj\.weight'"):
         whisper.convert_hf(edit_checkpoint(hf_dir, tmp_path / "drop", drop))
-    with pytest.raises(ConversionError, match=r"unexpected encoder tensor 'layers\.0\.self_attn\.k_proj\.bias'"):
+    with pytest.raises(ConversionError, match=r"unexpected tensor 'layers\.0\.self_attn\.k_proj\.bias'"):
         whisper.convert_hf(edit_checkpoint(hf_dir, tmp_path / "add", add))
-    with pytest.raises(ConversionError, match=r"layers\.0\.fc1\.weight has shape \(64, 96\), expected \(96, 64\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"layers\.0\.fc1\.weight has shape \(64, 96\) for 'blocks\.0\.mlp\.fc1\.weight', the config implies \(96, 64\)",
+    ):
         whisper.convert_hf(edit_checkpoint(hf_dir, tmp_path / "transpose", transpose))
 
     other = shutil.copytree(hf_dir, tmp_path / "nfft")

@@ -1,4 +1,6 @@
-"""A real two-node Ray cluster on this machine: `ray start --head` plus a second raylet.
+"""A real two-node Ray cluster on this machine, `ray start --head` plus a second raylet, with token
+authentication on as users' clusters have it: Ray 2.60's `ray start --head` turns it on when the head has a token
+at ~/.ray/auth_token (which any local `ray.init()` before it leaves there).
 
 The cluster's processes run in their own sessions and are killed by process group at the
 end, so the test session's own Ray instance is left alone (`ray stop` would stop it too).
@@ -9,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +36,7 @@ def free_port() -> int:
 
 def _node_count(address: str, env: dict) -> int:
     code = f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))"
+    env = env | {"RAY_AUTH_MODE": "token"}  # how Ray documents a client joining a token cluster by address
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
@@ -39,15 +45,14 @@ def _node_count(address: str, env: dict) -> int:
 def cluster():
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Ray 2.60 turns on token authentication; its token lives beside the cluster's temp dir, which the
-        # test's clients do not share, so this private test cluster runs without it.
-        "RAY_AUTH_MODE": "disabled",
-    }
-    env.pop("RAY_ADDRESS", None)
+    token, homes = secrets.token_hex(32), {name: Path(temp) / name for name in ("head", "bare")}
+    for home in homes.values():
+        (home / ".ray").mkdir(parents=True)
+    (homes["head"] / ".ray" / "auth_token").write_text(token)
+    (Path(temp) / "token").write_text(token)
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
+    base |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = base | {"HOME": str(homes["head"])}  # the cluster's machine, and a client on it: the token at ~/.ray
     # Two nodes on one machine: each node's agents need ports of their own.
     agent_ports = [
         [
@@ -93,21 +98,34 @@ def cluster():
         deadline = time.time() + 90
         while _node_count(f"127.0.0.1:{port}", env) < 1 and time.time() < deadline:
             time.sleep(1)
-        procs.append(
+        procs.append(  # a node joins a token cluster as Ray documents: RAY_AUTH_MODE=token, and the token
             subprocess.Popen(
-                starts[1], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                starts[1],
+                env=env | {"RAY_AUTH_MODE": "token"},
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         )
         while _node_count(f"127.0.0.1:{port}", env) < 2 and time.time() < deadline:
             time.sleep(1)
         if _node_count(f"127.0.0.1:{port}", env) < 2:
             pytest.fail("the two-node cluster did not come up within 90 s")
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+        bare = base | {"HOME": str(homes["bare"])}  # a client elsewhere, with no token of its own
+        yield {
+            "address": f"127.0.0.1:{port}",
+            "dashboard": f"http://127.0.0.1:{dashboard}",
+            "env": env,
+            "token_path_env": bare | {"RAY_AUTH_TOKEN_PATH": str(Path(temp) / "token")},
+            "token_env": bare | {"RAY_AUTH_TOKEN": token},
+            "bare_env": bare,
+        }
     finally:
         for p in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def make_media(folder: Path, n: int = 64) -> Path:
@@ -141,20 +159,38 @@ def test_job_runs_on_both_nodes(cluster, tmp_path):
         str(small_batches),
         "--json",
     ]  # 3 one-CPU actors cannot fit one 2-CPU node
-    refused = mmembed(*args, env=cluster["env"])
+    refused = mmembed(*args, env=cluster["env"])  # joined with the token at ~/.ray/auth_token
     assert refused.returncode != 0 and "--allow-local-root" in refused.stderr
-    run = mmembed(*args, "--allow-local-root", env=cluster["env"])
+    run = mmembed(*args, "--allow-local-root", "--verbose", env=cluster["token_path_env"])
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout)
     assert record["counts"]["text/minilm-l6"]["embedded"] == 64
     assert len(record["nodes"]) == 2, record["nodes"]
+    own = r"text/minilm-l6: \d+/64 \(\d+%\) [\d.]+ items/s|job .*files skipped"
+    assert record["ray_log"] is None and any(not re.fullmatch(own, line) for line in run.stderr.splitlines()), (
+        "--verbose: Ray's own lines on stderr, no log file"
+    )
+
+
+def test_a_client_without_the_token_is_told_where_to_put_it(cluster, tmp_path):
+    run = mmembed(
+        "embed",
+        str(make_media(tmp_path / "media", 2)),
+        str(tmp_path / "store"),
+        "--address",
+        cluster["address"],
+        env=cluster["bare_env"],
+    )
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(err) == 1, run.stderr
+    assert cluster["address"] in err[0] and "~/.ray/auth_token" in err[0] and "RAY_AUTH_TOKEN" in err[0], err
 
 
 def test_submit_through_the_jobs_api(cluster, tmp_path):
     media, root = make_media(tmp_path / "media", 8), tmp_path / "store"
     config = tmp_path / "job.yaml"
     config.write_text(f"input: {media}\nroot: {root}\nmodels:\n  text: [minilm-l6]\nray:\n  allow_local_root: true\n")
-    run = mmembed("submit", str(config), "--cluster", cluster["dashboard"], "--wait", env=cluster["env"])
+    run = mmembed("submit", str(config), "--cluster", cluster["dashboard"], "--wait", env=cluster["token_env"])
     assert run.returncode == 0, run.stderr
     submission_id = run.stdout.strip().splitlines()[0]
     assert submission_id.startswith("raysubmit_")

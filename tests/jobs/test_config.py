@@ -38,6 +38,15 @@ def test_file_and_overrides_merge_over_defaults(tmp_path: Path):
         ("ray: auto", "ray: expected a mapping"),
         ("[1, 2]", "must be a mapping"),
         ("a: [", "not valid YAML"),
+        ("batch_size:\n  text: 0", "batch_size.text: must be at least 1, not 0"),
+        ("limits:\n  audio_seconds: 0", "limits.audio_seconds: must be positive"),
+        ("limits:\n  text_bytes: -1", "limits.text_bytes: must be positive"),
+        ("limits:\n  audio_seconds: long", "limits.audio_seconds: expected float"),
+        ("commit_every: 0", "commit_every: must be at least 1"),
+        ("threads_per_actor: -1", "threads_per_actor: must be at least 0"),
+        ("threads_per_actor: 100000", "threads_per_actor: must be at most 1024"),  # hung the actor's first matmul
+        ("format: csv", "format: must be one of auto, media, parquet"),
+        ("models:\n  text: [minilm-l6, minilm-l6]", "models.text: minilm-l6 is named twice"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, yaml_text, message):

@@ -12,11 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
 from encoders.registry import load_encoder
 from jobs.cli import main
 from storage.query import connect, run_readonly
+from storage.store import Store
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOOD = {"image": 6, "audio": 3, "text": 4}
@@ -160,13 +162,32 @@ def test_embeddings_equal_the_encoder_run_directly(job, modality, model):
         assert r["uri"] == str(media / r["id"])
 
 
-def test_self_retrieval_and_sql_topk_match_brute_force(job, capsys):
-    media, root, _ = job
+def stored_images(root: Path) -> dict[str, np.ndarray]:
+    con = connect(str(root))
+    rows = run_readonly(con, "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ?", [CLIP]).to_pylist()
+    return {r["id"]: np.array(r["embedding"], dtype=np.float32) for r in rows}
+
+
+def brute_force(stored: dict[str, np.ndarray], q: np.ndarray, k: int) -> tuple[list[str], list[float]]:
+    """The top k by cosine, in numpy over the stored vectors: what `query` and SQL must return."""
+    scores = {i: float(v @ q / np.linalg.norm(v) / np.linalg.norm(q)) for i, v in stored.items()}
+    top = sorted(scores, key=scores.get, reverse=True)[:k]
+    return top, [scores[i] for i in top]
+
+
+def test_query_and_sql_topk_match_brute_force(job, capsys, tmp_path):
+    """A query image that is not in the store (a self-match at score 1 would pass whatever the ranking did) and a
+    text query through SQL's embed_text, each against numpy over the stored vectors and the encoder run directly."""
+    _, root, _ = job
+    query = tmp_path / "moon.png"
+    query.write_bytes(_photo("moon", 96))
+    stored, encoder = stored_images(root), load_encoder(CLIP)
     capsys.readouterr()
-    assert main(["query", str(root), "--image", str(media / "photos/coffee.jpg"), "-k", "3", "--json"]) == 0
+    assert main(["query", str(root), "--image", str(query), "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert hits[0]["id"] == "photos/coffee.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert [h["modality"] for h in hits] == ["image"] * 3
+    ids, scores = brute_force(stored, encoder.encode("image", [query.read_bytes()])[0], 3)
+    assert [h["id"] for h in hits] == ids and [h["modality"] for h in hits] == ["image"] * 3
+    assert [h["score"] for h in hits] == pytest.approx(scores, abs=1e-5) and scores[0] < 0.9999, "not a self-match"
 
     sql = (
         f"SELECT id, array_cosine_similarity(embedding, embed_text('{CLIP}', 'a red circle')) AS score "
@@ -174,15 +195,9 @@ def test_self_retrieval_and_sql_topk_match_brute_force(job, capsys):
     )
     assert main(["sql", str(root), sql, "--json"]) == 0
     top = json.loads(capsys.readouterr().out)
-    con = connect(str(root))
-    rows = run_readonly(con, "SELECT id, embedding[1:dim] AS embedding FROM images WHERE model = ?", [CLIP]).to_pylist()
-    q = load_encoder(CLIP).encode("text", ["a red circle"])[0]
-    scores = {
-        r["id"]: float(np.dot(r["embedding"], q) / np.linalg.norm(r["embedding"]) / np.linalg.norm(q)) for r in rows
-    }
-    brute = sorted(scores, key=scores.get, reverse=True)[:4]
-    assert [t["id"] for t in top] == brute
-    assert [t["score"] for t in top] == pytest.approx([scores[i] for i in brute], abs=1e-5)
+    ids, scores = brute_force(stored, encoder.encode("text", ["a red circle"])[0], 4)
+    assert [t["id"] for t in top] == ids
+    assert [t["score"] for t in top] == pytest.approx(scores, abs=1e-5)
 
 
 def test_classify_labels_every_image_by_the_clip_text_tower(job, capsys, tmp_path):
@@ -237,8 +252,9 @@ def test_index_command_and_query_through_it(job, capsys, tmp_path):
     assert statuses.pop(("image", CLIP)) == "fresh" and set(statuses.values()) == {"built"}, (
         "only the missing indexes are built"
     )
-    assert main(["index", str(root), "--m", "0"]) == 1
-    assert "HNSW options must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["index", str(root), "--m", "1"])  # vss's least; once a traceback from inside DuckDB
+    assert "argument --m: must be at least 2, not 1" in capsys.readouterr().err
 
 
 def test_rerun_jobs_listing(job, capsys):
@@ -296,6 +312,14 @@ def test_parquet_input_with_passthrough_and_model_flags(tmp_path, ray_session, c
     assert got == [{"id": "a.txt", "lang": "en", "rank": 1}, {"id": "b", "lang": "en", "rank": 2}]
     assert main(["query", str(root), "--text", "a red circle", "--where", "lang = 'en' AND rank > 1", "--json"]) == 0
     assert [h["id"] for h in json.loads(capsys.readouterr().out)] == ["b"]
+    where = ["--where", "lang = $lang AND rank > $rank", "--param", "lang=en", "--param", "rank=1"]
+    assert main(["query", str(root), "--text", "a red circle", *where, "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == ["b"]
+    assert main(["query", str(root), "--text", "a red circle", "--where", "1=1) OR (1=1"]) == 1
+    assert (
+        capsys.readouterr().err
+        == "mmembed: error: bad predicate '1=1) OR (1=1': a ')' closes nothing; give one expression\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -306,14 +330,53 @@ def test_parquet_input_with_passthrough_and_model_flags(tmp_path, ray_session, c
         (["embed", "MEDIA", "ROOT", "--model", "image=no-such-model"], "unknown model 'no-such-model'"),
         (["query", "ROOT", "--text", "x", "--modality", "audio"], "no audio embeddings"),
         (["sql", "ROOT", "DROP TABLE x"], "only SELECT"),
+        (["embed", "MEDIA", "FILE"], "FILE is a file, not a store"),  # was [Errno 17] File exists
+        (["embed", "MEDIA", "FILE/store"], "FILE is a file"),  # was [Errno 20] Not a directory
+        (["backfill", "FILE", "--model", "minilm-l6"], "FILE is a file, not a store"),
+        (["query", "FILE", "--text", "x"], "FILE is a file, not a store"),
+        (["sql", "FILE", "SELECT 1"], "FILE is a file, not a store"),
+        (["jobs", "FILE"], "FILE is a file, not a store"),
+        (["index", "FILE"], "FILE is a file, not a store"),
+        (["embed", "MEDIA", "ROOT", "--device", "cuda"], "no GPU"),  # before any pipeline starts
+        (["embed", "MEDIA", "ROOT", "--actors", "100000"], "too many for the cluster"),  # before any pipeline too
+        (["embed", "MEDIA", "ROOT", "--format", "parquet"], "holds no Parquet files"),
+        (["embed", "ROOT", "ROOT"], "is the store"),
     ],
 )
 def test_bad_commands_fail_with_one_line(tmp_path, ray_session, capsys, argv, message):
     media = tmp_path / "media"
     media.mkdir()
     (media / "x.png").write_bytes(_photo("camera", 32))
-    argv = [str(media) if a == "MEDIA" else str(tmp_path / "store") if a == "ROOT" else a for a in argv]
+    (tmp_path / "file").write_text("not a store")
+    names = {"MEDIA": media, "ROOT": tmp_path / "store", "FILE": tmp_path / "file"}
+    argv = [str(names[a]) if a in names else a.replace("FILE", str(names["FILE"])) for a in argv]
+    message = message.replace("FILE", str(names["FILE"]))
     (tmp_path / "store").mkdir()
+    if "--device" in argv and ray.cluster_resources().get("GPU"):
+        pytest.skip("the cluster has a GPU")
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    if "--device" in argv or "--actors" in argv:  # no pipeline ran: its counts are set when one starts
+        assert [(j["status"], j["counts"]) for j in Store(str(tmp_path / "store")).jobs()] == [("failed", {})]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["embed", "MEDIA", "ROOT", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+        (["embed", "MEDIA", "ROOT", "--actors", "-1"], "argument --actors: must be at least 1, not -1"),
+        (["embed", "MEDIA", "ROOT", "--commit-every", "x"], "argument --commit-every: invalid integer: 'x'"),
+        (["query", "ROOT", "--text", "x", "-k", "0"], "argument -k: must be at least 1, not 0"),
+        (["query", "ROOT", "--text", "x", "--ef-search", "0"], "argument --ef-search: must be at least 1"),
+        (["index", "ROOT", "--ef-construction", "0"], "argument --ef-construction: must be at least 1"),
+        (["bench", "--n", "0"], "argument --n: must be at least 1, not 0"),
+        (["sql", "ROOT", "SELECT $x", "--param", "x"], "argument --param: 'x': expected NAME=VALUE"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_runs(capsys, argv, message):
+    """`--batch-size 0` once reached Ray and printed a traceback."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

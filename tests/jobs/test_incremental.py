@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -92,20 +93,36 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _kill_mid_pipeline(proc: subprocess.Popen, root: Path, commits: int, delay: float, total: int) -> int:
+    """Kill the job's process group `delay` s after it has made `commits` commits of its own; -> rows committed then."""
+    before = len(committed_rows(root)) if (root / "_commits").exists() else 0
+    made = lambda: len(list((root / "_commits").glob("*.json"))) if (root / "_commits").exists() else 0  # noqa: E731
+    start, deadline = made(), time.monotonic() + 240
+    while made() < start + commits and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(delay)
+    _kill_group(proc)
+    committed = len(committed_rows(root))
+    assert before < committed < total, f"the kill landed with {committed} of {total} rows committed ({before} before)"
+    return committed
+
+
 def test_kill_at_random_points_then_rerun_equals_a_clean_run(tmp_path, ray_session, capsys):
+    """Each kill lands mid-pipeline, and the test checks that it did: after this run's own commits (a random 1-2 of
+    them, then up to 0.2 s more), with some rows but not all committed."""
     media, root, clean = tmp_path / "media", tmp_path / "store", tmp_path / "clean"
     write_texts(media, 0, 300)
     (media / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    small_files = tmp_path / "job.yaml"
+    small_files.write_text("batch_size:\n  preprocess: 8\n  write: 16\n")  # a commit every 16 rows
     embed_json(media, clean, capsys)
     rng = random.Random(7)
-    for delay in sorted(rng.uniform(4, 14) for _ in range(3)):
-        proc = _spawn(media, root)
-        time.sleep(delay)
-        _kill_group(proc)
+    for _ in range(3):
+        proc = _spawn(media, root, "--config", str(small_files))
+        _kill_mid_pipeline(proc, root, rng.randint(1, 2), rng.uniform(0, 0.2), 301)
     final = embed_json(media, root, capsys)
     assert final["status"] == "succeeded"
-    strip = lambda rows: sorted((k, i, m, h) for k, i, m, h in rows)  # noqa: E731
-    assert strip(committed_rows(root)) == strip(committed_rows(clean))
+    assert committed_rows(root) == committed_rows(clean)
     assert visible_files(root) == set(Store(str(root)).committed_files("embeddings")) | set(
         Store(str(root)).committed_files("errors")
     )
@@ -179,6 +196,7 @@ def test_second_job_on_a_root_waits_or_exits(tmp_path, ray_session):
     )
     assert second.returncode != 0
     assert "locked by job" in second.stderr and "--wait-lock" in second.stderr
+    assert re.search(r"locked by job \d{8}T\d{6}-[0-9a-f]{6} \(pid", second.stderr), "the holder's job id, not '?'"
     assert len(second.stderr.strip().splitlines()) == 1
     waiter = _spawn(media, root, "--wait-lock", "--json")
     out, err = first.communicate(timeout=300)

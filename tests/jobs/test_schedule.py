@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.schedule import RunState, ScheduleError, Scheduler, check_schedule, due, load_state, save_state
+from jobs.schedule import RunState, ScheduleError, Scheduler, check_schedule, due, load_state, save_state, state_path
 from storage.lock import LockHeldError, RootLock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,13 +79,63 @@ def test_due_is_evaluated_in_utc():
         due(daily, None, datetime(2025, 3, 1, 4, 30))
 
 
-@pytest.mark.parametrize("expression", ["61 * * * *", "* * *", "every day", ""])
+@pytest.mark.parametrize("expression", ["61 * * * *", "* * *", "every day", "", "0 0 31 2 *", "0 0 30 2 *"])
 def test_bad_cron_expression_is_a_clear_error(tmp_path, expression):
     job = Job("nightly", str(tmp_path), expression)
     with pytest.raises(ScheduleError, match=re.escape(f"job 'nightly': bad cron expression '{expression}'")):
         check_schedule(job)
     with pytest.raises(ScheduleError, match="bad cron expression"):
         Scheduler([job], Recorder())
+
+
+def test_a_cron_expression_that_never_fires_is_one_line_from_the_cli(tmp_path, capsys):
+    """`0 0 31 2 *` parses, and once reached croniter's CroniterBadDateError as a traceback."""
+    from jobs.cli import main
+
+    cfg = tmp_path / "never.yaml"
+    cfg.write_text(f"input: {tmp_path}\nroot: {tmp_path / 'store'}\nschedule: '0 0 31 2 *'\n")
+    assert main(["schedule", str(cfg), "--once"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mmembed: error: job 'never': bad cron expression '0 0 31 2 *'") and err.count("\n") == 1
+
+
+def test_a_root_that_is_a_file_fails_its_run_with_one_line(tmp_path, capsys):
+    """Its lock once raised FileExistsError through the scheduler."""
+    from jobs.cli import main
+
+    (tmp_path / "store").write_text("a file")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {tmp_path}\nroot: {tmp_path / 'store'}\nschedule: '0 * * * *'\n")
+    assert main(["schedule", str(cfg), "--once"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("is a file, not a store")
+
+
+def test_an_unreadable_state_fails_its_job_only(tmp_path):
+    """A state file that is not the scheduler's JSON raised ValueError or KeyError through every job."""
+    broken, fine = Job("broken", str(tmp_path / "a")), Job("fine", str(tmp_path / "b"))
+    state_path(broken).parent.mkdir(parents=True)
+    state_path(broken).write_text('{"last_run": "yesterday"}')
+    recorder = Recorder()
+    results = Scheduler([broken, fine], recorder, clock=lambda: at(12, 1)).run_once()
+    assert [(r["job"], r["status"]) for r in results] == [("broken", "failed"), ("fine", "ok")]
+    assert "its state" in results[0]["error"] and "unreadable" in results[0]["error"] and recorder.ran == ["fine"]
+
+
+def test_a_home_relative_root_is_locked_and_recorded_where_the_job_writes(tmp_path, monkeypatch):
+    """The scheduler locked `~/store` unexpanded (a directory named '~' under the working directory) while the job
+    it ran locked and wrote the expanded path."""
+    from jobs.run import root_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    job = Job("a", "~/store/")
+    store = tmp_path / "home" / "store"
+    seen = []
+    scheduler = Scheduler([job], lambda config: seen.append(root_path(config.root)) or {}, clock=lambda: at(12, 1))
+    assert scheduler.locks[0].path == store / "_lock"
+    assert state_path(job) == store / "_schedule" / "a.json"
+    assert [r["status"] for r in scheduler.run_once()] == ["ok"] and seen == [str(store)]
+    assert (store / "_schedule" / "a.json").exists() and not (tmp_path / "~").exists()
 
 
 def test_job_without_schedule_or_with_a_bad_name_or_root_is_refused(tmp_path):

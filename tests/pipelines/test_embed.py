@@ -12,29 +12,11 @@ import soundfile as sf
 from PIL import Image
 
 from encoders import registry
-from encoders.model import Options
+from encoders.options import Options
 from encoders.registry import load_encoder
-from pipelines import embed, sources
+from pipelines import embed
 from pipelines.errors import ResourceError
 from storage.store import Store
-
-
-def text_inventory(tmp_path, n: int) -> sources.Inventory:
-    """A directory input of `n` short texts."""
-    media = tmp_path / "media"
-    media.mkdir(exist_ok=True)
-    for i in range(n):
-        (media / f"{i:02d}.txt").write_text(f"note number {i}")
-    return sources.open_input(str(media), str(tmp_path / "staging"))
-
-
-def plan_steps(ds) -> dict:
-    """The logical plan's steps by name, last first."""
-    steps, op = {}, ds._logical_plan.dag
-    while op is not None:
-        steps[op.name] = op
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    return steps
 
 
 def test_actor_resources_leave_a_cpu_for_the_tasks(ray_session):
@@ -58,11 +40,11 @@ def test_threads_default_to_the_node_cpus_shared_by_a_pool(ray_session):
     assert embed.actor_threads(embed.StageSizes(8, 8, actors=1, threads_per_actor=3), gpu=False) == 3
 
 
-def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session):
+def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session, text_inventory):
     """Once, every actor held a whole CPU, and a pool as large as the machine starved its own input:
     the decoding tasks (and Ray Data's file listing, before the reader that needs none) waited forever for a CPU."""
     texts = [f"note number {i}" for i in range(12)]
-    inventory = text_inventory(tmp_path, len(texts))
+    inventory = text_inventory(len(texts))
     target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
     sizes = embed.StageSizes(read=4, write=4, actors=int(ray.cluster_resources()["CPU"]) + 1)
     store = Store(str(tmp_path / "store"))
@@ -74,94 +56,15 @@ def test_a_pool_larger_than_the_cpus_finishes(tmp_path, ray_session):
     assert (stored * load_encoder("minilm-l6").encode("text", texts)).sum(1).min() >= 0.9999
 
 
-@pytest.mark.parametrize(("items", "encoder"), [(5, "MapBatches(EmbedBatch)"), (4, "MapBatches(embed_in_task)")])
-def test_only_decoding_and_encoding_reserve_cpu(tmp_path, ray_session, items, encoder):
-    """Ray Data pauses a task whose output waits for room downstream, and the task keeps what it
-    reserved: a read or repartition task holding the CPU the decoding needed stopped a 20k-image
-    job on 2 CPUs for good. So the light steps reserve no CPU, and a bounded number run at once."""
-    inventory = text_inventory(tmp_path, items)
-    target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
-    ds = embed.dataset(
-        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1"
-    )
-    steps = plan_steps(ds)
-    # the column selection is pushed into the read
-    tasks = {name: op for name, op in steps.items() if name != "Project"}
-    reserving = {name for name, op in tasks.items() if op.ray_remote_args.get("num_cpus", 1) != 0}
-    assert reserving == {"MapBatches(load_rows)", "MapBatches(skip_done)", "MapBatches(preprocess)", encoder}, tasks
-    light = [op for name, op in tasks.items() if name not in reserving]
-    assert any(name.startswith("StreamingRepartition") for name in tasks) and len(light) == 4, (
-        "read, modality, repartition, write"
-    )
-    assert all(op.compute.size == embed.light_tasks() for op in light), "reserving no CPU, they need a bound"
-    assert "ListFiles" not in steps, (
-        "Ray Data's reader V2 lists files in a task needing a whole CPU, and reads footers in actors"
-    )
-
-
-def test_an_input_of_one_encoder_call_is_encoded_in_a_task_on_cpus_only(tmp_path, ray_session, monkeypatch):
+def test_an_input_of_one_encoder_call_is_encoded_in_a_task_on_cpus_only(text_inventory):
     """An actor pool starts a process that imports Ray Data and torch before its model loads: for one call,
     a task in a worker the job already runs does the same work (a 10-item job: 22-28 s -> 18-20 s, BENCHMARKS.md).
-    A reused worker keeps the first CUDA device it saw, so GPU encoders always get their actors."""
-    inventory = text_inventory(tmp_path, 3)
+    A reused worker keeps the first CUDA device it saw, so GPU encoders always get their actors. (The task's
+    resources: tests/pipelines/test_ray_private.py.)"""
+    inventory = text_inventory(3)
     for batch, device, task in ((3, "cpu", True), (2, "cpu", False), (3, "cuda", False)):
         target = embed.Target("text", "minilm-l6", "digest", batch, np.empty(0, dtype="S32"))
         assert embed.one_call(inventory, target, gpu=device == "cuda") is task
-    monkeypatch.setattr(embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1 / actors, "num_gpus": 0})
-    target = embed.Target("text", "minilm-l6", "digest", 3, np.empty(0, dtype="S32"))
-    ds = embed.dataset(
-        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=2), str(tmp_path / "store"), "job1"
-    )
-    step = plan_steps(ds)["MapBatches(embed_in_task)"]
-    cpus = int(ray.cluster_resources()["CPU"])
-    assert step.ray_remote_args["num_cpus"] == 1 and step.fn_kwargs["threads"] == cpus, (
-        "what one actor of a pool of one would have"
-    )
-
-
-def test_the_read_and_the_modality_filter_run_as_one_task(tmp_path, ray_session):
-    """A read split into more blocks than files is never fused with the next step (Ray Data 2.60), and every
-    step of its own runs in worker processes of its own: seconds of CPU each to start."""
-    from ray.data._internal.logical.optimizers import get_execution_plan
-
-    inventory = text_inventory(tmp_path, 5)
-    target = embed.Target("text", "minilm-l6", "digest", 4, np.empty(0, dtype="S32"))
-    ds = embed.dataset(
-        inventory, target, Options(device="cpu"), embed.StageSizes(4, 4, actors=1), str(tmp_path / "store"), "job1"
-    )
-    names, op = [], get_execution_plan(ds._logical_plan)[0].dag
-    while op is not None:
-        names.append(op.name)
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    assert names[::-1][1:] == [
-        "ReadParquet->MapBatches(of_modality)",
-        "StreamingRepartition[num_rows_per_block=4,strict=True]",
-        "MapBatches(load_rows)->MapBatches(skip_done)->MapBatches(preprocess)",
-        "MapBatches(EmbedBatch)",
-        "MapBatches(write_shard)",
-    ]
-
-
-def test_cpu_encoders_get_idle_priority_preprocessing_and_whole_encoder_batches(tmp_path, ray_session, monkeypatch):
-    """Beside an encoder on the same CPUs, preprocessing runs at idle priority (`stages.idle_thread`); beside a
-    GPU encoder it is the bottleneck and runs as usual. Blocks hold at least one encoder batch."""
-    inventory = text_inventory(tmp_path, 1)
-    monkeypatch.setattr(
-        embed, "actor_resources", lambda actors, gpu: {"num_cpus": 1, "num_gpus": int(gpu)}
-    )  # no GPU here
-    for device, encode_batch, yielding, block in (
-        ("cpu", 256, True, 256),
-        ("cpu", 16, True, 64),
-        ("cuda", 16, False, 64),
-    ):
-        target = embed.Target("text", "minilm-l6", "digest", encode_batch, np.empty(0, dtype="S32"))
-        ds = embed.dataset(
-            inventory, target, Options(device=device), embed.StageSizes(64, 100, actors=1), str(tmp_path / "s"), "job1"
-        )
-        steps = {name.split("[")[0]: op for name, op in plan_steps(ds).items()}
-        assert steps["MapBatches(preprocess)"].fn_kwargs["yield_cpu"] is yielding, device
-        assert steps["StreamingRepartition"].target_num_rows_per_block == block
-        assert steps["MapBatches(preprocess)"].batch_size == block
 
 
 def test_only_the_encoder_actor_imports_torch(tmp_path):
@@ -176,7 +79,7 @@ def test_only_the_encoder_actor_imports_torch(tmp_path):
 import sys
 import numpy as np
 import jobs.cli, pipelines.embed, pipelines.sources, pipelines.sinks
-from encoders.model import Options
+from encoders.options import Options
 from pipelines.stages import preprocess
 for model, modality, raw in [("shapes-clip", "image", {image.read_bytes()!r}), ("whisper-tiny.en", "audio", {clip.read_bytes()!r}),
                              ("minilm-l6", "text", {text!r}), ("shapes-clip", "text", {text!r})]:

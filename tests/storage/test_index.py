@@ -1,8 +1,10 @@
+import duckdb
 import numpy as np
 import pytest
 
 from storage import index
-from storage.query import QueryError, build_index, search
+from storage.query import QueryError
+from storage.search import build_index, search
 from storage.store import Store, StoreError
 
 
@@ -46,9 +48,13 @@ def test_a_fresh_index_answers_search_with_the_hnsw_scan(store, rng, monkeypatch
     assert hnsw is not None and hnsw.rows == 400, "the newest row per id only"
     plan = hnsw.con.execute("EXPLAIN " + hnsw.sql(10), [[0.0] * 32]).fetchall()[0][1]
     assert "HNSW_INDEX_SCAN" in plan
+    with pytest.raises(duckdb.Error, match="disabled by configuration"):  # the attached file reads, nothing else
+        hnsw.con.execute("SELECT * FROM read_text('/etc/hostname')")
 
     exact = [search(store.root, q, "image", "m", k=10, use_index=False) for q in vectors[:20:2]]
-    monkeypatch.setattr("storage.query._partition", lambda *a: pytest.fail("a fresh index must not load the partition"))
+    monkeypatch.setattr(
+        "storage.search._partition", lambda *a: pytest.fail("a fresh index must not load the partition")
+    )
     found = 0
     for q, want in zip(vectors[:20:2], exact):
         got = search(store.root, q * 3, "image", "m", k=10)
@@ -106,12 +112,17 @@ def test_index_errors_name_the_problem(store, tmp_path):
     store, *_ = store
     with pytest.raises(QueryError, match="no embeddings for modality=audio"):
         build_index(store.root, modality="audio")
-    with pytest.raises(StoreError, match="positive integers"):
-        build_index(store.root, options={"M": 0})
+    for bad in ({"M": 1}, {"ef_construction": 0}, {"M": 2**31}):  # M = 1 was a traceback from inside vss
+        with pytest.raises(StoreError, match="must be integers from 2"):
+            build_index(store.root, options=bad)
     with pytest.raises(StoreError, match="unknown HNSW options"):
         build_index(store.root, options={"ef": 3})
-    with pytest.raises(QueryError, match="ef_search must be positive"):
-        search(store.root, np.ones(32), "image", "m", ef_search=0)
+    for ef_search in (0, 10**20):  # 10**20 was a traceback from inside DuckDB
+        with pytest.raises(QueryError, match="ef_search must be from 1 to"):
+            search(store.root, np.ones(32), "image", "m", ef_search=ef_search)
+    for k in (0, 10**20):  # so was k = 10**20 through a fresh index (its LIMIT)
+        with pytest.raises(QueryError, match="k must be from 1 to"):
+            search(store.root, np.ones(32), "image", "m", k=k)
     with pytest.raises(StoreError, match="not a local store"):
         index.index_path(Store("s3://bucket/store"), "image", "m")
     assert index.state(Store("s3://bucket/store"), "image", "m", ()) == "none"

@@ -274,3 +274,25 @@ def test_same_lock_cannot_be_acquired_twice(tmp_path):
         lock.acquire()
     lock.acquire()  # reusable after release
     lock.release()
+
+
+@pytest.mark.parametrize(
+    "content", ['{"host": "h", "job_id": "j", "started": "s", "proc_start": null}', '{"pid": "12", "host": "h"}', "[1]"]
+)
+def test_a_lock_record_missing_a_key_is_a_clear_error(tmp_path, content):
+    """A record without its pid once raised KeyError."""
+    (tmp_path / "_lock").write_text(content)
+    with pytest.raises(LockError, match=r"lock file .*_lock is unreadable \(.*\); delete it if no job is running"):
+        RootLock(str(tmp_path)).acquire()
+
+
+def test_one_root_has_one_lock_however_it_is_spelt(tmp_path, monkeypatch):
+    """`s3://b/x/` and `s3://b/x` were two locks; `~/store` was locked unexpanded, relative to the working directory."""
+    assert RootLock(f"s3://bucket/{tmp_path.name}/").path == RootLock(f"s3://bucket/{tmp_path.name}").path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    assert RootLock("~/store").path == tmp_path / "store" / "_lock"
+    (tmp_path / "link").symlink_to(tmp_path / "store", target_is_directory=True)
+    (tmp_path / "store").mkdir()
+    with RootLock(str(tmp_path / "link"), "first"), pytest.raises(LockHeldError, match="locked by job first"):
+        RootLock("~/store/").acquire()

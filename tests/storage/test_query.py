@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -286,3 +288,109 @@ def test_run_readonly_parameters_and_errors(mixed):
         run_readonly(con, "SELECT * FROM imagez")
     with pytest.raises(QueryError, match="syntax error"):
         run_readonly(con, "SELEC 1")
+
+
+def sql_cli(capsys, root, statement, *extra) -> tuple[int, str, str]:
+    from jobs.cli import main
+
+    capsys.readouterr()
+    code = main(["sql", root, statement, "--json", *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "statement,message",
+    [
+        ("SELECT * FROM read_text('/etc/hostname')", 'Cannot access file "/etc/hostname"'),
+        ("SELECT * FROM read_csv('/etc/passwd')", 'Cannot access file "/etc/passwd"'),
+        ("SELECT count(*) FROM glob('/etc/*')", 'Cannot access file "/etc/*"'),
+        ("SELECT * FROM read_blob('/etc/hostname')", "Cannot access file"),
+        ("SELECT * FROM 'ROOT/_commits/job1-000001.json'", "Cannot access file"),
+        ("SELECT * FROM read_parquet('ROOT/embeddings/**/*.parquet')", "Cannot access file"),
+        ("SELECT * FROM read_parquet('https://example.com/x.parquet')", "Cannot access file"),
+        ("SELECT * FROM parquet_metadata('ROOT/embeddings/**/*.parquet')", "Cannot access file"),
+        ("SELECT * FROM duckdb_extensions()", "Cannot access directory"),
+        ("SELECT st_point(1, 2)", "exists in the spatial extension"),
+        ("FROM query('SET enable_external_access = true')", "Expected a single SELECT statement"),
+        ("SET enable_external_access = true", "only SELECT"),
+        ("SELECT * FROM images WHERE no_such_column = 1", 'Referenced column "no_such_column" not found'),
+    ],
+)
+def test_sql_reads_only_the_store_and_each_refusal_is_one_line(mixed, capsys, statement, message):
+    """A SELECT could read any file or URL (read_text('/etc/...'), read_csv, glob), and DuckDB's Python build
+    installs and loads extensions from the network on demand."""
+    root, _, _ = mixed
+    code, out, err = sql_cli(capsys, root, statement.replace("ROOT", root))
+    assert code == 1 and out == "", out
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mmembed: error: ") and message in err, err
+    assert "LINE 1" not in err
+
+
+def test_the_locked_connection_still_reads_the_store_and_embeds_files(mixed, tmp_path):
+    root, images, _ = mixed
+    calls = []
+    con = connect(root, embedder=fake_embedder(calls))
+    settings = dict(
+        con.sql(
+            "SELECT name, value FROM duckdb_settings() WHERE name IN ('enable_external_access', "
+            "'autoinstall_known_extensions', 'autoload_known_extensions', 'lock_configuration')"
+        ).fetchall()
+    )
+    assert settings == dict.fromkeys(settings, "false") | {"lock_configuration": "true"} and len(settings) == 4
+    assert run_readonly(con, "SELECT count(*) AS n FROM images").to_pylist() == [{"n": len(images)}]
+    run_readonly(con, "SELECT embed_image('clip', ?) AS e", [str(tmp_path / "query.png")])
+    assert calls == [("clip", "image", str(tmp_path / "query.png"))], "embed_image reads the file the user names"
+
+
+def test_params_bind_the_placeholders_of_sql(mixed, capsys):
+    root, _, _ = mixed
+    code, out, err = sql_cli(
+        capsys,
+        root,
+        "SELECT count(*) AS n FROM images WHERE lang = $lang AND dim = $dim",
+        "--param",
+        "lang=en",
+        "--param",
+        "dim=6",
+    )
+    assert code == 0 and json.loads(out) == [{"n": 5}], err
+    code, _, err = sql_cli(capsys, root, "SELECT count(*) AS n FROM images WHERE lang = $lang")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "lang" in err
+    with pytest.raises(SystemExit):
+        sql_cli(capsys, root, "SELECT 1", "--param", "no-equals")
+    assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ("1=1) OR (1=1", "a ')' closes nothing"),  # once escaped the parentheses put around it
+        ("lang = 'en')--", "a ')' closes nothing"),
+        ("(lang = 'en'", "a '(' is never closed"),
+        ("1=1; SELECT 1", "';' ends a statement"),
+        ("", "empty"),
+        ("no_such_column = 1", 'Referenced column "no_such_column" not found'),
+        ("lang = ", "syntax error"),
+        ("id IN (SELECT * FROM read_csv('/etc/passwd'))", 'Cannot access file "/etc/passwd"'),
+    ],
+)
+def test_a_where_predicate_is_one_expression_and_its_error_one_line(mixed, where, message):
+    from storage.search import search
+
+    root, _, _ = mixed
+    with pytest.raises(QueryError) as e:
+        search(root, np.ones(6, np.float32), "image", "clip", where=where)
+    text = str(e.value)
+    assert "\n" not in text and message in text and "LINE" not in text, text
+    assert text.startswith(f"bad predicate {where!r}: "), text
+
+
+def test_where_predicates_take_comments_parentheses_and_params(mixed):
+    from storage.search import search
+
+    root, _, _ = mixed
+    query = np.ones(6, np.float32)
+    where = "(lang = $lang OR lang = ')(')  -- the ')(' is a string"
+    assert search(root, query, "image", "clip", k=10, where=where, params={"lang": "de"}).num_rows == 2
+    assert search(root, query, "image", "clip", k=10, where="lang IN ('en', 'fr')").num_rows == 6

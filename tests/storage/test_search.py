@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from storage.query import QueryError, classify, search
+from encoders.model import softmax_scores
+from storage.query import QueryError
+from storage.search import classify, search
 from storage.store import Store
 
 
@@ -44,7 +46,7 @@ def test_search_equals_brute_force(store, rng):
 
 def test_the_float16_first_pass_finds_the_exact_top_k(tmp_path, tables, rng, monkeypatch):
     """Large partitions are scanned in float16 first; near-ties at the k-th place must not change the result."""
-    monkeypatch.setattr("storage.query.HALF_ROWS", 1)
+    monkeypatch.setattr("storage.search.HALF_ROWS", 1)
     store = Store(str(tmp_path))
     vectors = tables.unit(rng, 2000, 32)
     query = vectors[0] + 0.3 * tables.unit(rng, 1, 32)[0]
@@ -58,7 +60,7 @@ def test_the_float16_first_pass_finds_the_exact_top_k(tmp_path, tables, rng, mon
         want_ids, want_scores = brute_force(vectors, ids, q, 10)
         assert got["id"].to_pylist() == want_ids
         np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-6)
-    from storage.query import _PARTITIONS
+    from storage.search import _PARTITIONS
 
     assert _PARTITIONS[(store.root, "image", "m")].half is not None, "the float16 pass ran"
 
@@ -79,7 +81,7 @@ def test_where_filters_on_passthrough_columns(store, rng):
     assert got["id"].to_pylist() == want_ids
     np.testing.assert_allclose(got["score"].to_numpy(), want_scores, atol=1e-5)
     assert search(store.root, query, "text", "m", where="lang = 'xx'").num_rows == 0
-    with pytest.raises(QueryError, match="bad where predicate"):
+    with pytest.raises(QueryError, match="bad predicate"):
         search(store.root, query, "text", "m", where="no_such_column = 1")
     with pytest.raises(QueryError):
         search(store.root, query, "text", "m", where="1 = 1); DROP TABLE candidates; SELECT (1")
@@ -110,43 +112,51 @@ def test_search_names_the_problem(store):
         search(store.root, np.ones(8), "text", "m")
     with pytest.raises(QueryError, match="zero"):
         search(store.root, np.zeros(16), "text", "m")
-    with pytest.raises(QueryError, match="k must be positive"):
+    with pytest.raises(QueryError, match="k must be from 1 to"):
         search(store.root, np.ones(16), "text", "m", k=0)
     with pytest.raises(QueryError, match="no store at"):
         search(store.root + "/missing", np.ones(16), "text", "m")
+
+
+def softmax_50(cosines):
+    return softmax_scores(cosines, 50.0)
 
 
 def test_classify_is_clips_zero_shot_softmax(store, rng, monkeypatch):
     store, ids, vectors, langs = store
     labels = ["alpha", "beta", "gamma"]
     label_vectors = rng.standard_normal((3, 16)).astype(np.float32) * [[1.0], [3.0], [0.5]]  # norms do not matter
-    monkeypatch.setattr("storage.query.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
-    got = classify(store.root, label_vectors, labels, "text", "m", scale=50.0)
+    monkeypatch.setattr("storage.search.CLASSIFY_CHUNK", 64)  # several chunks over the 300 rows
+    got = classify(store.root, label_vectors, labels, "text", "m", score=softmax_50)
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     logits = 50.0 * unit(vectors) @ unit(label_vectors).T
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    assert got.column_names == ["id", "uri", "label", "probability"]
+    assert got.column_names == ["id", "uri", "label", "cosine", "probability"]
     assert sorted(got["id"].to_pylist()) == ids
     row = {i: r for r, i in enumerate(ids)}
     order = [row[i] for i in got["id"].to_pylist()]
     assert got["label"].to_pylist() == [labels[i] for i in p[order].argmax(1)]
     np.testing.assert_allclose(got["probability"].to_numpy(), p[order].max(1), rtol=1e-5)
+    cosines = (unit(vectors) @ unit(label_vectors).T)[order]
+    np.testing.assert_allclose(got["cosine"].to_numpy(), cosines.max(1), rtol=1e-5)
     assert len(set(got["label"].to_pylist())) > 1
+    sigmoid = classify(store.root, label_vectors, labels, "text", "m", score=lambda c: 1 / (1 + np.exp(-10 * c + 2)))
+    np.testing.assert_allclose(sigmoid["probability"].to_numpy(), 1 / (1 + np.exp(-10 * cosines.max(1) + 2)), rtol=1e-5)
 
-    de = classify(store.root, label_vectors, labels, "text", "m", scale=50.0, where="lang = ?", params=["de"])
+    de = classify(store.root, label_vectors, labels, "text", "m", score=softmax_50, where="lang = ?", params=["de"])
     keep = {i for i, lang in zip(ids, langs) if lang == "de"}
     assert sorted(de["id"].to_pylist()) == sorted(keep)
     assert de["label"].to_pylist() == [labels[i] for i in p[[row[i] for i in de["id"].to_pylist()]].argmax(1)]
     with pytest.raises(QueryError, match="one vector per label"):
-        classify(store.root, label_vectors[:2], labels, "text", "m", scale=50.0)
+        classify(store.root, label_vectors[:2], labels, "text", "m", score=softmax_50)
     with pytest.raises(QueryError, match="dim 8, but model 'm' has dim 16"):
-        classify(store.root, label_vectors[:, :8], labels, "text", "m", scale=50.0)
+        classify(store.root, label_vectors[:, :8], labels, "text", "m", score=softmax_50)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (200, 10), (7, 10)])
 def test_top_k_breaks_ties_by_row(rng, n, k):
-    from storage.query import _top_k
+    from storage.search import _top_k
 
     for _ in range(20):
         scores = rng.standard_normal(n).astype(np.float32)

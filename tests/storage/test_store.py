@@ -159,3 +159,16 @@ def test_job_records(tmp_path):
         store.write_job({"job_id": "job-c"})
     with pytest.raises(StoreError, match="not plain JSON"):
         store.write_job({"job_id": "job-c", "started_at": "2025", "when": object()})
+
+
+def test_a_root_that_cannot_be_reached_is_a_clear_error():
+    """An object store that refuses (no access, no such bucket) raised pyarrow's OSError through every command."""
+
+    class Refusing:
+        def get_file_info(self, path):
+            raise OSError("When getting information for key 'store' in bucket 'b': AWS Error ACCESS_DENIED\nmore")
+
+    store = Store("s3://b/store")
+    store.__dict__["_fs"] = (Refusing(), "b/store")
+    with pytest.raises(StoreError, match=r"^cannot reach the store s3://b/store: .*ACCESS_DENIED$"):
+        store.exists()

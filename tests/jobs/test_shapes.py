@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
 
-from encoders import image, registry, shapes
+from encoders import image, registry
 from encoders.clip import HF_LEGACY_EOS_ID, hf_config, pool_eos
 from encoders.text import TextTokenizer
-from encoders.train_shapes import EVAL_SEED, PREPROCESS, RETRIEVAL_SEED, TRAIN_SEED, batch, contrastive_loss
 from jobs import samples
+from jobs.shapes import render as shapes
+from jobs.shapes.train import EVAL_SEED, PREPROCESS, RETRIEVAL_SEED, TRAIN_SEED, batch, contrastive_loss
 
 TEST_SEED = 31_337
 assert TEST_SEED not in (TRAIN_SEED, EVAL_SEED, RETRIEVAL_SEED, samples.SHAPES_SEED)

@@ -1,8 +1,8 @@
 """Train the bundled demo CLIP `shapes-clip` on synthetic captioned shapes, then evaluate it.
 
-    python -m encoders.train_shapes --out encoders/bundled/shapes-clip.parquet
+    python -m jobs.shapes.train --out encoders/bundled/shapes-clip.parquet
 
-Every batch is rendered fresh (encoders.shapes, seeded) and goes through the same
+Every batch is rendered fresh (jobs.shapes.render, seeded) and goes through the same
 `image.preprocess` that ClipEncoder applies at inference; PNG is lossless, so a rendered
 image and its PNG bytes give identical pixels. The loss is CLIP's symmetric contrastive
 loss, except that a caption counts as matching every image in the batch that fits all it
@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import image, registry, shapes, store
-from .clip import CLIP, CLIPDims
-from .model import Encoder
-from .store import StoredModel
-from .text import TextTokenizer
+from encoders import image, registry, weights
+from encoders.clip import CLIP, CLIPDims
+from encoders.model import Encoder
+from encoders.text import TextTokenizer
+from encoders.weights import StoredModel
+
+from . import render as shapes
 
 TRAIN_SEED = 0
 EVAL_SEED = 1  # zero-shot and attribute accuracy
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     dims = default_dims(tokenizer_json)
     model = train(config, dims, tokenizer_json, log)
     start = time.time()
-    store.save(stored_model(model, tokenizer_json), args.out)
+    weights.save(stored_model(model, tokenizer_json), args.out)
     metrics = evaluate(registry.load_encoder(str(args.out)))
     metrics |= {"train": asdict(config), "dims": asdict(dims), "parameters": sum(p.numel() for p in model.parameters())}
     log(f"evaluated in {time.time() - start:.0f} s")

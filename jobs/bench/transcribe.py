@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from . import audio
-from .model import Options
-from .transcribe import transcribe
-from .whisper import WhisperEncoder, convert_ct2
+from encoders import audio
+from encoders.options import Options
+from encoders.transcribe import transcribe
+from encoders.whisper import WhisperEncoder, convert_ct2
 
 
 def normalise(text: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, some
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,9 @@ SCHEMA = pa.schema(
     ]
 )
 META_KEY = b"mmembed"
+# What converters write. The model home keeps each format's conversions in a directory of their own
+# (`registry.models_dir`), so a store an older converter wrote is converted again, not mis-loaded.
+FORMAT = 2
 LOAD_BATCH = 8  # tensors decoded at once by `load`
 
 
@@ -172,16 +175,10 @@ def load_state(
     assign=True makes the stored tensors the module's parameters (no copy), for a module built on the meta device.
     """
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(stored.tensors))
-    extra = sorted(set(stored.tensors) - set(expected))
-    if missing:
-        raise ModelLoadError(
-            f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if extra:
-        raise ModelLoadError(
-            f"{path}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
+    if missing := expected.keys() - stored.tensors.keys():
+        raise ModelLoadError(f"{path}: missing tensor {some(missing)}")
+    if extra := stored.tensors.keys() - expected.keys():
+        raise ModelLoadError(f"{path}: unexpected tensor {some(extra)}")
     for name, t in stored.tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ModelLoadError(

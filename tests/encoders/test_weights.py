@@ -5,10 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from encoders import registry, store
+from encoders import registry, weights
 from encoders.clip import CLIP, CLIPDims, ClipEncoder
 from encoders.errors import ModelLoadError
-from encoders.store import StoredModel
+from encoders.weights import StoredModel
 
 
 def rewrite_rows(path, edit) -> None:
@@ -31,14 +31,14 @@ def test_round_trip_keeps_every_tensor_and_setting(tmp_path, tiny_clip):
         "extra.scalar": torch.tensor(2.5),
     }
     tiny_clip.source = "/somewhere/checkpoint"
-    path = store.save(tiny_clip, tmp_path / "m.parquet")
-    back = store.load(path)
+    path = weights.save(tiny_clip, tmp_path / "m.parquet")
+    back = weights.load(path)
     assert back.meta() == tiny_clip.meta() and back.source == "/somewhere/checkpoint"
     assert back.tensors.keys() == tiny_clip.tensors.keys()
     for name, t in tiny_clip.tensors.items():
         assert back.tensors[name].dtype == t.dtype and torch.equal(back.tensors[name], t), name
     assert back.digest == tiny_clip.digest
-    assert store.read_meta(path) == tiny_clip.meta() | {"source": "/somewhere/checkpoint"}
+    assert weights.read_meta(path) == tiny_clip.meta() | {"source": "/somewhere/checkpoint"}
 
 
 def test_digest_follows_weights_and_settings_but_not_source(tiny_clip):
@@ -54,17 +54,17 @@ def test_digest_follows_weights_and_settings_but_not_source(tiny_clip):
 
 
 def test_save_replaces_atomically(tmp_path, tiny_clip):
-    path = store.save(tiny_clip, tmp_path / "m.parquet")
+    path = weights.save(tiny_clip, tmp_path / "m.parquet")
     tiny_clip.preprocess = tiny_clip.preprocess | {"size": 48}
-    store.save(tiny_clip, path)
+    weights.save(tiny_clip, path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]  # no temp file left
-    assert store.load(path).preprocess["size"] == 48
+    assert weights.load(path).preprocess["size"] == 48
 
 
 def test_load_state_assign_uses_the_stored_tensors(tiny_clip):
     with torch.device("meta"):
         model = CLIP(CLIPDims(**tiny_clip.config))
-    store.load_state(model, tiny_clip, assign=True)
+    weights.load_state(model, tiny_clip, assign=True)
     assert model.text.proj.weight.data_ptr() == tiny_clip.tensors["text.proj.weight"].data_ptr()
     assert not any(p.is_meta for p in model.parameters())
 
@@ -74,7 +74,7 @@ def test_load_state_assign_uses_the_stored_tensors(tiny_clip):
 
 @pytest.fixture
 def saved(tmp_path, tiny_clip):
-    return store.save(tiny_clip, tmp_path / "tiny.parquet")
+    return weights.save(tiny_clip, tmp_path / "tiny.parquet")
 
 
 def test_altered_tensor_fails_its_checksum(saved):
@@ -84,7 +84,7 @@ def test_altered_tensor_fails_its_checksum(saved):
 
     rewrite_rows(saved, flip)
     with pytest.raises(ModelLoadError, match=r"'text.blocks.1.attn.qkv.weight' fails its checksum"):
-        store.load(saved)
+        weights.load(saved)
 
 
 def test_truncated_tensor_is_named(saved):
@@ -95,13 +95,13 @@ def test_truncated_tensor_is_named(saved):
 
     rewrite_rows(saved, cut)
     with pytest.raises(ModelLoadError, match=r"'vision.positional_embedding' has \d+ bytes"):
-        store.load(saved)
+        weights.load(saved)
 
 
 def test_truncated_tensor_without_new_checksum_is_named(saved):
     rewrite_rows(saved, lambda rows: row(rows, "logit_scale").update(data=b"\x00\x00"))
     with pytest.raises(ModelLoadError, match="'logit_scale' fails its checksum"):
-        store.load(saved)
+        weights.load(saved)
 
 
 def test_removed_tensor_is_named_when_loading_the_model(saved):
@@ -112,7 +112,7 @@ def test_removed_tensor_is_named_when_loading_the_model(saved):
 
 def test_reshaped_tensor_is_named(saved):
     rewrite_rows(saved, lambda rows: row(rows, "text.proj.weight").update(shape=[32 * 24]))
-    stored = store.load(saved)  # bytes and checksum are fine; the shape is not the module's
+    stored = weights.load(saved)  # bytes and checksum are fine; the shape is not the module's
     with pytest.raises(ModelLoadError, match=r"'text.proj.weight' has shape \(768,\), expected \(24, 32\)"):
         _ = ClipEncoder("tiny", stored).model  # the network (and its weights) is built on first use
 
@@ -127,13 +127,13 @@ def test_truncated_file(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="cannot read model store"):
-        store.load(saved)
+        weights.load(saved)
 
 
 def test_not_a_store(tmp_path):
     path = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"x": [1, 2]}), path)
     with pytest.raises(ModelLoadError, match="not an mmembed model store"):
-        store.load(path)
+        weights.load(path)
     with pytest.raises(ModelLoadError, match="cannot read model store"):
-        store.load(tmp_path / "missing.parquet")
+        weights.load(tmp_path / "missing.parquet")

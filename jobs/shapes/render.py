@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from .clip import BOS, EOS
+from encoders.vocab import BOS, EOS
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 2  # drawn at 2x, then box-filtered down: anti-aliased edges
