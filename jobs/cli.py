@@ -38,6 +38,7 @@ COMMANDS = (
     sql.jobs_parser,
     serve.serve_parser,
     encode.encode_parser,
+    encode.transcribe_parser,
     demo.bench_parser,
     demo.demo_parser,
     models.models_parser,

@@ -31,6 +31,7 @@ from .peak import gemm_peak
 from .plan import BARE_DTYPES, MODALITIES, WORKER_NICENESS, Plan, log, make_plan
 from .report import machine, summarize, write_reports
 from .serve import measure_serve
+from .transcribe import measure_transcription
 
 
 def measure(plan: Plan, out: Path) -> dict:
@@ -72,6 +73,8 @@ def measure(plan: Plan, out: Path) -> dict:
     if "audio" in plan.modalities:
         log("CLAP: audio clips/s against transformers' ClapModel (LAION's unfused audio tower, random weights)")
         keep(result, "clap", measure_clap(plan, out))
+        log("transcription: ours against faster-whisper on 5 s and 60 s clips")
+        keep(result, "transcribe", measure_transcription(plan.transcribe_clips, 1 if plan.quick else 3))
     if "image" in plan.modalities and plan.sweep:  # --quick skips it
         keep(result, "sweep", measure_sweep(plan, out))
     if own_ray:  # the rest needs no Ray here, and its idle workers would poll beside the subprocess jobs' own Ray

@@ -106,6 +106,7 @@ class Plan:
     # batches: 6-13 s of forward here, long enough that a moment of other work on the machine averages out
     bare_reps: int = 15
     clap: dict | None = None  # {"audio": ClapAudioConfig kwargs, "features": extractor kwargs}; None: LAION's unfused
+    transcribe_clips: tuple[int, int] = (32, 4)  # 5 s and 60 s clips transcribed by ours and faster-whisper
     serve_rows: int = 100_000  # the search page's API, timed at the client over this many 512-d rows
     peak_shapes: tuple[tuple[int, int, int], ...] = tuple(gemm_shapes(PEAK_WIDTHS))  # (M, K, N) of the GEMM peak
     whole_run: bool = True  # also retrieval, the peak-memory ratio and the 10-item job (they need every modality)
@@ -132,6 +133,7 @@ def make_plan(
             rss_images=(16, 64),
             bare_reps=1,
             serve_rows=10_000,
+            transcribe_clips=(4, 1),
             whole_run=full,
             quick=True,
             image_model=image_model,

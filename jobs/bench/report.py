@@ -98,6 +98,10 @@ def summarize(result: dict) -> None:
         ),
         ("query: naive DuckDB / search", r["query_1m_vs_naive"], ">=", 10.0),
         ("peak memory large / small image job", rss, "<=", 1.3),
+        *(
+            (f"transcribe {length}: ours fp32 / faster-whisper fp32", x["fp32_vs_faster_whisper"], ">=", 1.0)
+            for length, x in (result.get("transcribe") or {}).items()
+        ),
         (
             "serve: text search p50 at the client (ms)",
             (result.get("serve") or {}).get("client_ms", {}).get("p50"),
@@ -181,6 +185,17 @@ def _peak_lines(result: dict) -> list[str]:
             f"transformers' ClapModel {x['clips_per_s_reference']}: {x['speedup']}x; lowest cosine {x['min_cosine']}.",
             "",
         ]
+    for length, x in (result.get("transcribe") or {}).items():
+        lines += [
+            "",
+            f"Transcription, {x['clips']} clips of {length} ({x['audio_s']} s of speech), {x['threads']} threads:",
+            "",
+        ]
+        lines += _table(
+            ["system", "clips/s", "best s", "CPU s", "word error rate"],
+            [[name, s["clips_per_s"], s["best_s"], s["best_cpu_s"], s["wer"]] for name, s in x["systems"].items()],
+        )
+        lines += ["", f"ours fp32 / faster-whisper fp32: {x['fp32_vs_faster_whisper']}", ""]
     if result.get("serve"):
         x = result["serve"]
         lines += [

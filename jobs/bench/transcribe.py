@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from encoders import audio
@@ -111,3 +112,47 @@ def measure_transcribe(
         speed["ours float32"]["clips_per_s"] / speed["faster-whisper float32"]["clips_per_s"], 2
     )
     return result
+
+
+def spoken_clips(seconds: float, n: int) -> tuple[list[bytes], list[str]]:
+    """`n` FLAC clips of `seconds` from the bundled espeak-ng sentences (jobs/sample_media/speech), each as many
+    sentences as fit, 0.5 s apart, then silence: (the clips, what is said in each)."""
+    import soundfile as sf
+
+    from ..samples import SAMPLE_DIR, SENTENCES
+
+    spoken = sorted((SAMPLE_DIR / "speech").glob("*.flac"), key=lambda p: p.stem.rsplit("_", 1)[::-1])  # by voice
+    gap, length = np.zeros(audio.SAMPLE_RATE // 2, np.float32), int(seconds * audio.SAMPLE_RATE)
+    clips, texts, k = [], [], 0
+    for _ in range(n):
+        parts, said, used = [], [], 0
+        while True:
+            path = spoken[k % len(spoken)]
+            samples = audio.decode(path.read_bytes())
+            if used + len(samples) > length and parts:
+                break
+            k += 1
+            parts += [samples[: length - used], gap]
+            said.append(SENTENCES[path.stem.rsplit("_", 1)[0]])
+            used += len(samples) + len(gap)
+            if used >= length:
+                break
+        clip = np.zeros(length, np.float32)
+        joined = np.concatenate(parts)[:length]
+        clip[: len(joined)] = joined
+        buf = io.BytesIO()
+        sf.write(buf, clip, audio.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        clips.append(buf.getvalue())
+        texts.append(" ".join(said))
+    return clips, texts
+
+
+def measure_transcription(clips: tuple[int, int], reps: int) -> dict:
+    """The bench's `transcribe` section: `clips` = (how many 5 s clips: one window, no timestamps; how many 60 s
+    clips: seeking, with timestamps), ours (fp32, bf16) against faster-whisper (fp32, int8), with word error rates."""
+    out = {}
+    for seconds, n, timestamps in ((5, clips[0], False), (60, clips[1], True)):
+        if n:
+            spoken, texts = spoken_clips(seconds, n)
+            out[f"{seconds}s"] = measure_transcribe(spoken, texts, reps=reps, timestamps=timestamps)
+    return out

@@ -71,3 +71,53 @@ def _read(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise EncoderError(f"cannot read {path}: {e.strerror}") from None
+
+
+def transcribe_parser(sub: Subparsers) -> Parser:
+    p = command(
+        sub,
+        "transcribe",
+        transcribe,
+        "speech to text with a Whisper model (no Ray, no store)",
+        "mmembed transcribe whisper-tiny.en meeting.flac --timestamps --json",
+        description="Transcribe audio FILEs with MODEL's decoder, greedily, on 30 s windows, seeking through longer "
+        "ones as whisper.transcribe does; silence and noise give an empty text. One line per file: its text, or with "
+        "--json one JSON object (id, text, segments).",
+        parents=(JSON, RUNTIME),
+    )
+    p.add_argument("model", metavar="MODEL", help="a Whisper model with its decoder (e.g. whisper-tiny.en)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--timestamps", action="store_true", help="segments with start and end times (s)")
+    p.add_argument("--language", metavar="CODE", help="a multilingual model's language (default: detected per file)")
+    return p
+
+
+def transcribe(args: argparse.Namespace) -> int:
+    from encoders.errors import EncoderError
+    from encoders.options import Options
+    from encoders.registry import load_encoder
+    from encoders.transcribe import preprocess, transcribe_features
+
+    encoder = load_encoder(args.model, Options.of(args.device or "auto", args.dtype or "float32"))
+    if not getattr(encoder, "can_transcribe", False):
+        raise EncoderError(f"model {args.model!r} cannot transcribe: it holds no Whisper decoder")
+    features, failed = {}, {}
+    for name in args.files:
+        try:
+            features[name] = preprocess(_read(name), encoder.dims.n_mels)
+        except EncoderError as e:  # one bad file is its own error line, not the command's
+            failed[name] = str(e)
+    transcripts = dict(
+        zip(features, transcribe_features(encoder, list(features.values()), args.timestamps, args.language))
+    )
+    for name in args.files:
+        if name in failed:
+            output.emit_json({"id": name, "error": failed[name]}) if args.json else print(
+                f"{name}: error: {failed[name]}", file=sys.stderr
+            )
+        elif args.json:
+            t = transcripts[name]
+            output.emit_json({"id": name, "text": t.text, "segments": [s._asdict() for s in t.segments]})
+        else:
+            print(f"{name}: {transcripts[name].text}")
+    return 0 if transcripts else 1

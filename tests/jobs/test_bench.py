@@ -59,6 +59,7 @@ PLAN = plan.Plan(
     bare_reps=1,
     peak_shapes=((64, 32, 32), (64, 32, 128)),
     serve_rows=500,
+    transcribe_clips=(2, 0),
     clap=TINY_CLAP,
     quick=True,
 )
@@ -160,6 +161,16 @@ def test_baselines_compute_what_our_encoders_compute(result):
     assert m["audio"]["cosine_min"]["baseline_vs_ours_padded"] >= 0.9999, "and so does ours, in padded mode"
     for modality in m:
         assert m[modality]["cosine_min"]["bfloat16_vs_float32"] >= 0.999, (modality, "the bf16 target")
+
+
+def test_transcription_is_measured_against_faster_whisper(result):
+    _, doc, _ = result
+    x = doc["transcribe"]["5s"]
+    systems = {"ours float32", "ours bfloat16", "faster-whisper float32", "faster-whisper int8"}
+    assert x["clips"] == 2 and set(x["systems"]) == systems
+    assert all(positive(s["clips_per_s"]) and 0 <= s["wer"] <= 1 for s in x["systems"].values())
+    assert x["systems"]["ours float32"]["wer"] == x["systems"]["faster-whisper float32"]["wer"], "the same tokens"
+    assert "60s" not in doc["transcribe"]
 
 
 def test_clap_and_the_search_page_are_measured(result):
