@@ -32,16 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from .whisper_decoder import TextDecoder
+from .whisper_decoder import Cache, SpecialTokens, TextDecoder
 
 MAX_INITIAL_TIMESTAMP = 1.0  # s: the latest first timestamp (openai's and faster-whisper's default)
 TIME_PRECISION = 0.02  # s per timestamp token: 30 s over 1500 encoder positions
@@ -50,71 +46,11 @@ STEP_THREADS = 1  # CPU threads of the decoding steps (below)
 
 
 @dataclass(frozen=True)
-class SpecialTokens:
-    """The token ids decoding needs, as a store's config keeps them."""
-
-    eot: int  # <|endoftext|>
-    sot: int  # <|startoftranscript|>
-    no_timestamps: int  # <|notimestamps|>; the timestamps <|0.00|>, <|0.02|>, ... follow it
-    no_speech: int  # <|nospeech|> (<|nocaptions|> in older vocabularies)
-    transcribe: int | None
-    translate: int | None
-    languages: dict[str, int]  # language code -> token, empty for an English-only model
-    suppress: tuple[int, ...]  # never sampled: non-speech symbols and the special tokens
-    suppress_begin: tuple[int, ...]  # not sampled first: the blank and <|endoftext|>
-
-    @property
-    def timestamp_begin(self) -> int:
-        return self.no_timestamps + 1
-
-    @classmethod
-    def from_config(cls, config: dict) -> SpecialTokens:
-        return cls(
-            **config | {"suppress": tuple(config["suppress"]), "suppress_begin": tuple(config["suppress_begin"])}
-        )
-
-    def to_config(self) -> dict:
-        return asdict(self) | {"suppress": list(self.suppress), "suppress_begin": list(self.suppress_begin)}
-
-    def prompt(self, language: str | None, timestamps: bool) -> list[int]:
-        """The start-of-transcript sequence; `language` (a code of `languages`) only for a multilingual model."""
-        prompt = [self.sot]
-        if self.languages:
-            if language not in self.languages:
-                raise ModelLoadError(f"language {language!r} is not one of the model's: {', '.join(self.languages)}")
-            prompt += [self.languages[language], self.transcribe]
-        return prompt if timestamps else [*prompt, self.no_timestamps]
-
-
-@dataclass(frozen=True)
 class Decoded:
     tokens: list[int]  # the sampled tokens, without the prompt and the end-of-text
     avg_logprob: float  # the tokens' summed log-probability (with end-of-text's, if sampled) / (len(tokens) + 1)
     no_speech_prob: float  # P(<|nospeech|>) at the start-of-transcript position, before any filter
     looped: bool  # ended by the repetition guard
-
-
-class Cache:
-    """The decoder's keys and values for a batch of windows: self-attention's, written position by position,
-    and cross-attention's, computed once from the windows' encoder states."""
-
-    def __init__(self, decoder: TextDecoder, states: Tensor, length: int):
-        """states: (batch, n_audio, width); length: the positions to hold."""
-        dims = decoder.dims
-        shape = (states.shape[0], dims.heads, length, dims.width // dims.heads)
-        self.cross = [block.cross_attn.keys_values(states) for block in decoder.blocks]
-        self.k = [states.new_empty(shape) for _ in decoder.blocks]
-        self.v = [states.new_empty(shape) for _ in decoder.blocks]
-
-    def layers(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Per block: (self keys, self values, cross keys, cross values)."""
-        return [(k, v, ck, cv) for k, v, (ck, cv) in zip(self.k, self.v, self.cross)]
-
-    def keep(self, rows: Tensor) -> None:
-        """Keep only `rows` (indices into the batch), in that order."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
 
 
 def detect_language(decoder: TextDecoder, states: Tensor, special: SpecialTokens) -> list[str]:

@@ -38,8 +38,9 @@ import torch
 from tokenizers import Tokenizer
 
 from . import audio
-from .decoding import TIME_PRECISION, Decoded, SpecialTokens, detect_language, greedy
+from .decoding import TIME_PRECISION, Decoded, detect_language, greedy
 from .errors import ModelLoadError
+from .whisper_decoder import SpecialTokens
 
 if TYPE_CHECKING:
     from .whisper import WhisperEncoder

@@ -22,12 +22,20 @@ from torch import Tensor, nn
 from . import audio, checkpoint
 from .block import Block, LayerNorm
 from .checkpoint import Table
-from .decoding import SpecialTokens
 from .errors import AudioValidationError, ConversionError, ModelLoadError
 from .model import TOWERS, Encoder, Item
 from .options import Options
 from .weights import StoredModel, load_state
-from .whisper_decoder import DECODER, DECODER_CONFIG, TOKENS_CONFIG, DecoderDims, TextDecoder, ct2_decoder, hf_decoder
+from .whisper_decoder import (
+    DECODER,
+    DECODER_CONFIG,
+    TOKENS_CONFIG,
+    DecoderDims,
+    SpecialTokens,
+    TextDecoder,
+    ct2_decoder,
+    hf_decoder,
+)
 
 
 @dataclass(frozen=True)
